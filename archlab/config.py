@@ -1,0 +1,156 @@
+"""The model schema: one dataclass describes every family, validated on construction.
+
+Hydra composes YAML into this schema (registered in ``archlab/schema.py``); model
+constructors receive only this sub-config. Derived numbers (head_dim, parameter and
+FLOP counts) are computed from it, never typed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from archlab.errors import ConfigError
+
+FAMILIES = ("encoder_only", "decoder_only", "encoder_decoder")
+POSITIONS = ("learned", "rope", "relative", "none")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "geglu", "swiglu", "reglu")
+GATED_ACTIVATIONS = ("geglu", "swiglu", "reglu")
+ATTENTION_KERNELS = ("xla", "dot_product_attention", "cudnn")
+DTYPES = ("float32", "bfloat16")
+POOLINGS = ("cls", "mean", "last")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+def _help(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    family: str = _help("decoder_only", "encoder_only (BERT), decoder_only (GPT) or encoder_decoder (T5)")
+    vocab_size: int = _help(8192, "vocabulary size; set from the tokenizer by the app")
+    d_model: int = _help(256, "residual stream width")
+    n_layers: int = _help(4, "layers (the encoder's, for encoder_decoder)")
+    n_decoder_layers: Optional[int] = _help(None, "decoder layers of encoder_decoder; None = n_layers")
+    n_heads: int = _help(4, "query heads")
+    n_kv_heads: Optional[int] = _help(None, "key/value heads (GQA/MQA); None = n_heads")
+    head_dim: Optional[int] = _help(None, "per-head width; None = d_model // n_heads")
+    d_ff: int = _help(1024, "MLP hidden width (per branch for gated MLPs)")
+    max_seq_len: int = _help(256, "longest sequence; size of the learned position table")
+    position: str = _help("learned", "learned | rope | relative (T5 buckets) | none")
+    rope_theta: float = _help(10000.0, "RoPE base frequency")
+    relative_buckets: int = _help(32, "T5 relative-position buckets")
+    relative_max_distance: int = _help(128, "T5 relative-position max distance")
+    norm: str = _help("layernorm", "layernorm | rmsnorm")
+    norm_position: str = _help("pre", "pre-LN (GPT-2, T5) or post-LN (BERT)")
+    norm_eps: float = _help(1e-5, "norm epsilon")
+    activation: str = _help("gelu", "gelu | gelu_tanh | relu | geglu | swiglu | reglu")
+    use_bias: bool = _help(True, "biases on projections and norms (False for T5)")
+    tie_embeddings: bool = _help(True, "LM head shares the token embedding")
+    scale_tied_logits: bool = _help(False, "multiply the tied head's input by d_model**-0.5 (T5 v1.0)")
+    scale_attention: bool = _help(True, "divide scores by sqrt(head_dim); T5 folds this into its init")
+    type_vocab_size: int = _help(0, "token-type (segment A/B) embeddings; 2 for BERT, 0 = none")
+    embedding_norm: bool = _help(False, "norm right after the embeddings (BERT)")
+    mlm_transform: bool = _help(False, "dense+activation+norm before the MLM output (BERT)")
+    head_bias: bool = _help(False, "bias on the LM/MLM output layer (BERT)")
+    pooler: bool = _help(False, "dense+tanh pooler on the first token (BERT)")
+    pooling: str = _help("cls", "sequence pooling for classification heads: cls | mean | last")
+    attention_kernel: str = _help("xla", "xla (einsum reference) | dot_product_attention | cudnn")
+    dtype: str = _help("float32", "compute dtype; parameters stay float32")
+    scan_layers: bool = _help(True, "stack layers with scan (flat compile time) instead of unrolling")
+    remat: str = _help("none", "rematerialisation policy: none | full | dots | dots_no_batch")
+    init_std: float = _help(0.02, "std of the normal initialiser")
+
+    def __post_init__(self) -> None:
+        validate_model_config(self)
+
+    # ---- derived values -------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
+
+    @property
+    def is_gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"model.{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ConfigError with one sentence for any value that cannot build a model."""
+    _one_of("family", cfg.family, FAMILIES)
+    _one_of("position", cfg.position, POSITIONS)
+    _one_of("norm", cfg.norm, NORMS)
+    _one_of("norm_position", cfg.norm_position, NORM_POSITIONS)
+    _one_of("activation", cfg.activation, ACTIVATIONS)
+    _one_of("attention_kernel", cfg.attention_kernel, ATTENTION_KERNELS)
+    _one_of("dtype", cfg.dtype, DTYPES)
+    _one_of("pooling", cfg.pooling, POOLINGS)
+    _one_of("remat", cfg.remat, REMAT_POLICIES)
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"model.{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
+        raise ConfigError(f"d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
+    if cfg.kv_heads < 1 or cfg.n_heads % cfg.kv_heads:
+        raise ConfigError(f"n_heads {cfg.n_heads} is not divisible by n_kv_heads {cfg.kv_heads}")
+    if cfg.position == "rope" and cfg.dim_per_head % 2:
+        raise ConfigError(f"RoPE needs an even head_dim, got {cfg.dim_per_head}")
+    if cfg.n_decoder_layers is not None and cfg.family != "encoder_decoder":
+        raise ConfigError(f"model.n_decoder_layers applies to encoder_decoder only, not {cfg.family}")
+    if cfg.decoder_layers < 1:
+        raise ConfigError(f"model.n_decoder_layers must be positive, got {cfg.decoder_layers}")
+    if cfg.family == "encoder_decoder" and cfg.type_vocab_size:
+        raise ConfigError("token-type embeddings (type_vocab_size) are for encoder_only models")
+
+
+# Presets are pure configuration: the reference architectures come out of the same code.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(
+        family="decoder_only", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+        max_seq_len=1024, position="learned", norm="layernorm", norm_position="pre", norm_eps=1e-5,
+        activation="gelu_tanh", use_bias=True, tie_embeddings=True,
+    ),
+    "bert": dict(
+        family="encoder_only", vocab_size=30522, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+        max_seq_len=512, position="learned", norm="layernorm", norm_position="post", norm_eps=1e-12,
+        activation="gelu", use_bias=True, tie_embeddings=True, type_vocab_size=2, embedding_norm=True,
+        mlm_transform=True, head_bias=True, pooler=True, pooling="cls",
+    ),
+    "t5": dict(
+        family="encoder_decoder", vocab_size=32128, d_model=512, n_layers=6, n_heads=8, d_ff=2048,
+        max_seq_len=512, position="relative", norm="rmsnorm", norm_position="pre", norm_eps=1e-6,
+        activation="relu", use_bias=False, tie_embeddings=True, scale_tied_logits=True,
+        scale_attention=False,
+    ),
+    "t5_v1_1": dict(
+        family="encoder_decoder", vocab_size=32128, d_model=512, n_layers=8, n_heads=6, head_dim=64,
+        d_ff=1024, max_seq_len=512, position="relative", norm="rmsnorm", norm_position="pre",
+        norm_eps=1e-6, activation="geglu", use_bias=False, tie_embeddings=False, scale_attention=False,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A reference architecture by name (``gpt2``, ``bert``, ``t5``, ``t5_v1_1``), with overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,25 @@
+"""The project's own error types: one clear sentence each, raised before anything is compiled or written."""
+
+
+class ArchlabError(ValueError):
+    """Base class for every user-facing error archlab raises on bad input."""
+
+
+class ConfigError(ArchlabError):
+    """A configuration value (or a combination of values) that cannot work."""
+
+
+class IncompatibleObjectiveError(ConfigError):
+    """An objective paired with a model family that cannot train it."""
+
+
+class DataError(ArchlabError):
+    """A corpus, data file or tokenizer that cannot be used."""
+
+
+class CheckpointError(ArchlabError):
+    """A checkpoint directory that is missing, empty, corrupt or mismatched."""
+
+
+class ConversionError(ArchlabError):
+    """A Hugging Face model directory that cannot be converted."""

@@ -1,0 +1,104 @@
+"""Output heads: the (masked) LM head, and task heads for the families' classic uses.
+
+Task heads take hidden states from any family's ``hidden()``/``encode()``:
+sequence classification (sentiment), token tagging (NER, chunking) and extractive
+span QA (start/end logits).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from archlab.config import ModelConfig
+from archlab.errors import ConfigError
+from archlab.nn.layers import Dense, Embedding, Norm, activation_fn, compute_dtype
+
+Array = jax.Array
+
+
+class LMHead(nnx.Module):
+    """Hidden states to vocabulary logits: tied to the token table or its own matrix.
+
+    BERT adds a dense+activation+norm transform and an output bias; T5 v1.0 scales
+    the input of its tied head by ``d_model ** -0.5``.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = compute_dtype(cfg)
+        self.tied = cfg.tie_embeddings
+        self.input_scale = cfg.d_model**-0.5 if (cfg.tie_embeddings and cfg.scale_tied_logits) else None
+        self.act = activation_fn(cfg.activation)
+        self.transform = (
+            Dense(cfg.d_model, cfg.d_model, use_bias=cfg.use_bias, std=cfg.init_std, dtype=dtype, rngs=rngs)
+            if cfg.mlm_transform else None
+        )
+        self.transform_norm = Norm(cfg) if cfg.mlm_transform else None
+        self.output = (
+            None if self.tied
+            else Dense(cfg.d_model, cfg.vocab_size, use_bias=False, std=cfg.init_std, dtype=dtype, rngs=rngs)
+        )
+        self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32)) if cfg.head_bias else None
+
+    def __call__(self, hidden_BTD: Array, token_table: Embedding) -> Array:
+        if self.transform is not None:
+            hidden_BTD = self.transform_norm(self.act(self.transform(hidden_BTD)))
+        if self.input_scale is not None:
+            hidden_BTD = hidden_BTD * self.input_scale
+        logits_BTV = token_table.attend(hidden_BTD) if self.tied else self.output(hidden_BTD)
+        if self.bias is not None:
+            logits_BTV = logits_BTV + self.bias[...].astype(logits_BTV.dtype)
+        return logits_BTV
+
+
+def pool(hidden_BTD: Array, segment_ids_BT: Array, how: str) -> Array:
+    """One vector per sequence: first token (``cls``), mean over non-padding, or last non-padding."""
+    valid_BT = (segment_ids_BT != 0).astype(hidden_BTD.dtype)
+    if how == "cls":
+        return hidden_BTD[:, 0]
+    if how == "mean":
+        total_BD = jnp.einsum("btd,bt->bd", hidden_BTD, valid_BT)
+        return total_BD / jnp.maximum(valid_BT.sum(axis=1, keepdims=True), 1.0)
+    if how == "last":
+        last_B = jnp.maximum(valid_BT.sum(axis=1).astype(jnp.int32) - 1, 0)
+        return jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
+    raise ConfigError(f"pooling {how!r} is not one of cls, mean, last")
+
+
+class ClassificationHead(nnx.Module):
+    """Pooled sequence vector to class logits ``[B, C]`` (e.g. sentiment)."""
+
+    def __init__(self, cfg: ModelConfig, n_classes: int, *, rngs: nnx.Rngs):
+        if n_classes < 2:
+            raise ConfigError(f"a classification head needs at least 2 classes, got {n_classes}")
+        self.how = cfg.pooling
+        self.output = Dense(cfg.d_model, n_classes, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
+
+    def __call__(self, hidden_BTD: Array, segment_ids_BT: Array, pooled_BD: Array | None = None) -> Array:
+        pooled_BD = pool(hidden_BTD, segment_ids_BT, self.how) if pooled_BD is None else pooled_BD
+        return self.output(pooled_BD)
+
+
+class TaggingHead(nnx.Module):
+    """Per-token tag logits ``[B, T, C]`` (named entities, chunks)."""
+
+    def __init__(self, cfg: ModelConfig, n_tags: int, *, rngs: nnx.Rngs):
+        if n_tags < 2:
+            raise ConfigError(f"a tagging head needs at least 2 tags, got {n_tags}")
+        self.output = Dense(cfg.d_model, n_tags, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
+
+    def __call__(self, hidden_BTD: Array) -> Array:
+        return self.output(hidden_BTD)
+
+
+class SpanHead(nnx.Module):
+    """Extractive QA: start and end logits ``[B, T]`` each; padding positions get -inf-like logits."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.output = Dense(cfg.d_model, 2, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
+
+    def __call__(self, hidden_BTD: Array, segment_ids_BT: Array) -> tuple[Array, Array]:
+        logits_BT2 = self.output(hidden_BTD).astype(jnp.float32)
+        logits_BT2 = jnp.where((segment_ids_BT != 0)[..., None], logits_BT2, -1e9)
+        return logits_BT2[..., 0], logits_BT2[..., 1]

@@ -1,0 +1,247 @@
+"""The three families: EncoderOnly (BERT), DecoderOnly (GPT), EncoderDecoder (T5).
+
+Each builds its masks once at the top and passes them down; networks never see a loss.
+Segment ids (0 = padding) default to "one document, no padding" and positions to
+``arange``; packed batches pass both.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from archlab.config import ModelConfig
+from archlab.errors import ConfigError
+from archlab.nn import masks
+from archlab.nn.attention import KVCache
+from archlab.nn.blocks import BlockContext, LayerStack
+from archlab.nn.heads import LMHead, pool
+from archlab.nn.layers import Dense, Embedding, Norm, RelativePositionBias, compute_dtype
+
+Array = jax.Array
+
+
+class Embedder(nnx.Module):
+    """Token + (learned position) + (token type) embeddings, optionally normed (BERT)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = compute_dtype(cfg)
+        self.max_seq_len = cfg.max_seq_len
+        self.tokens = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=dtype, rngs=rngs)
+        self.positions = (
+            Embedding(cfg.max_seq_len, cfg.d_model, std=cfg.init_std, dtype=dtype, rngs=rngs)
+            if cfg.position == "learned" else None
+        )
+        self.token_types = (
+            Embedding(cfg.type_vocab_size, cfg.d_model, std=cfg.init_std, dtype=dtype, rngs=rngs)
+            if cfg.type_vocab_size else None
+        )
+        self.norm = Norm(cfg) if cfg.embedding_norm else None
+
+    def __call__(self, tokens_BT: Array, positions_BT: Array, token_types_BT: Array | None = None) -> Array:
+        x_BTD = self.tokens(tokens_BT)
+        if self.positions is not None:
+            x_BTD = x_BTD + self.positions(positions_BT)
+        if self.token_types is not None:
+            types_BT = jnp.zeros_like(tokens_BT) if token_types_BT is None else token_types_BT
+            x_BTD = x_BTD + self.token_types(types_BT)
+        return x_BTD if self.norm is None else self.norm(x_BTD)
+
+
+def _check_tokens(cfg: ModelConfig, tokens_BT: Array, what: str, max_len: int | None = None) -> None:
+    """Static checks that run at trace time, before anything is compiled."""
+    if tokens_BT.ndim != 2:
+        raise ConfigError(f"{what} must be a [batch, length] array of token ids, got shape {tokens_BT.shape}")
+    limit = cfg.max_seq_len if max_len is None else max_len
+    if tokens_BT.shape[1] > limit:
+        raise ConfigError(
+            f"{what} has length {tokens_BT.shape[1]}, longer than the position table "
+            f"(model.max_seq_len={cfg.max_seq_len})"
+        )
+
+
+def _defaults(tokens_BT: Array, segment_ids_BT: Array | None, positions_BT: Array | None):
+    segment_ids_BT = masks.default_segment_ids(tokens_BT) if segment_ids_BT is None else segment_ids_BT
+    positions_BT = masks.default_positions(tokens_BT) if positions_BT is None else positions_BT
+    return segment_ids_BT, positions_BT
+
+
+def _require_family(cfg: ModelConfig, family: str) -> None:
+    if cfg.family != family:
+        raise ConfigError(f"model.family is {cfg.family!r} but this model class builds {family!r}")
+
+
+class EncoderOnly(nnx.Module):
+    """BERT: bidirectional encoder, MLM head, first-token pooler."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        _require_family(cfg, "encoder_only")
+        self.cfg = cfg
+        self.embed = Embedder(cfg, rngs=rngs)
+        self.relative_bias = (
+            RelativePositionBias(cfg, bidirectional=True, rngs=rngs) if cfg.position == "relative" else None
+        )
+        self.layers = LayerStack(cfg, cfg.n_layers, cross_attention=False, depth=cfg.n_layers, rngs=rngs)
+        self.final_norm = Norm(cfg) if cfg.norm_position == "pre" else None
+        self.lm_head = LMHead(cfg, rngs=rngs)
+        self.pooler = (
+            Dense(cfg.d_model, cfg.d_model, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
+            if cfg.pooler else None
+        )
+
+    def encode(self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, token_types_BT=None) -> Array:
+        """Final hidden states ``[B, T, D]``."""
+        _check_tokens(self.cfg, tokens_BT, "encoder input")
+        segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
+        bias = None if self.relative_bias is None else self.relative_bias(positions_BT, positions_BT)
+        ctx = BlockContext(masks.bidirectional_mask(segment_ids_BT), positions_BT, bias)
+        hidden_BTD = self.layers(self.embed(tokens_BT, positions_BT, token_types_BT), ctx)
+        return hidden_BTD if self.final_norm is None else self.final_norm(hidden_BTD)
+
+    def __call__(self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, token_types_BT=None) -> Array:
+        """MLM logits ``[B, T, V]``."""
+        hidden_BTD = self.encode(
+            tokens_BT, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT, token_types_BT=token_types_BT
+        )
+        return self.lm_head(hidden_BTD, self.embed.tokens)
+
+    def pool(self, hidden_BTD: Array, segment_ids_BT: Array | None = None) -> Array:
+        """Sequence vector ``[B, D]``: the configured pooling, through BERT's tanh pooler if present."""
+        segment_ids_BT = jnp.ones(hidden_BTD.shape[:2], jnp.int32) if segment_ids_BT is None else segment_ids_BT
+        pooled_BD = pool(hidden_BTD, segment_ids_BT, self.cfg.pooling)
+        return pooled_BD if self.pooler is None else jnp.tanh(self.pooler(pooled_BD))
+
+
+class DecoderOnly(nnx.Module):
+    """GPT: causal decoder (or prefix-LM with ``prefix_BT``), LM head tied or not."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        _require_family(cfg, "decoder_only")
+        self.cfg = cfg
+        self.embed = Embedder(cfg, rngs=rngs)
+        self.relative_bias = (
+            RelativePositionBias(cfg, bidirectional=False, rngs=rngs) if cfg.position == "relative" else None
+        )
+        self.layers = LayerStack(cfg, cfg.n_layers, cross_attention=False, depth=cfg.n_layers, rngs=rngs)
+        self.final_norm = Norm(cfg) if cfg.norm_position == "pre" else None
+        self.lm_head = LMHead(cfg, rngs=rngs)
+
+    def init_caches(self, batch: int, max_len: int) -> KVCache:
+        """Zeroed caches for every layer, stacked on a leading layer axis."""
+        one = KVCache.zeros(self.cfg, batch, max_len)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.cfg.n_layers, *a.shape)), one)
+
+    def hidden(
+        self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, prefix_BT=None,
+        caches: KVCache | None = None, cache_index=None, cache_segment_ids_BS=None,
+    ):
+        """Final hidden states; with ``caches``, ``tokens_BT`` are new tokens written at ``cache_index``."""
+        max_len = None if caches is None else caches.k_BSKH.shape[2]
+        _check_tokens(self.cfg, tokens_BT, "decoder input", max_len)
+        segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
+        if caches is None:
+            self_mask = (
+                masks.decoder_mask(segment_ids_BT) if prefix_BT is None
+                else masks.prefix_lm_mask(segment_ids_BT, prefix_BT)
+            )
+            key_positions_BS = positions_BT
+        else:
+            cache_len = caches.k_BSKH.shape[2]
+            if cache_segment_ids_BS is None:
+                cache_segment_ids_BS = jnp.ones((tokens_BT.shape[0], cache_len), jnp.int32)
+            self_mask = masks.padding_mask(cache_segment_ids_BS, tokens_BT.shape[1]) & masks.causal_mask(
+                tokens_BT.shape[1], cache_len, cache_index
+            )
+            key_positions_BS = masks.default_positions(cache_segment_ids_BS)
+        bias = None if self.relative_bias is None else self.relative_bias(positions_BT, key_positions_BS)
+        ctx = BlockContext(self_mask, positions_BT, bias)
+        out = self.layers(self.embed(tokens_BT, positions_BT), ctx, caches, cache_index)
+        hidden_BTD, caches = (out, None) if caches is None else out
+        if self.final_norm is not None:
+            hidden_BTD = self.final_norm(hidden_BTD)
+        return hidden_BTD if caches is None else (hidden_BTD, caches)
+
+    def __call__(self, tokens_BT: Array, **kwargs):
+        """Next-token logits ``[B, T, V]`` (and the updated caches when decoding)."""
+        out = self.hidden(tokens_BT, **kwargs)
+        if isinstance(out, tuple):
+            return self.lm_head(out[0], self.embed.tokens), out[1]
+        return self.lm_head(out, self.embed.tokens)
+
+
+class EncoderDecoder(nnx.Module):
+    """T5: encoder and decoder stacks sharing one token table; ``encode()`` then ``decode()``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        _require_family(cfg, "encoder_decoder")
+        self.cfg = cfg
+        depth = cfg.n_layers + cfg.decoder_layers
+        relative = cfg.position == "relative"
+        self.embed = Embedder(cfg, rngs=rngs)
+        self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs) if relative else None
+        self.decoder_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs) if relative else None
+        self.encoder = LayerStack(cfg, cfg.n_layers, cross_attention=False, depth=depth, rngs=rngs)
+        self.decoder = LayerStack(cfg, cfg.decoder_layers, cross_attention=True, depth=depth, rngs=rngs)
+        self.encoder_norm = Norm(cfg) if cfg.norm_position == "pre" else None
+        self.decoder_norm = Norm(cfg) if cfg.norm_position == "pre" else None
+        self.lm_head = LMHead(cfg, rngs=rngs)
+
+    def encode(self, tokens_BS: Array, *, segment_ids_BS=None, positions_BS=None) -> Array:
+        """Encoder hidden states ``[B, S, D]``."""
+        _check_tokens(self.cfg, tokens_BS, "encoder input")
+        segment_ids_BS, positions_BS = _defaults(tokens_BS, segment_ids_BS, positions_BS)
+        bias = None if self.encoder_bias is None else self.encoder_bias(positions_BS, positions_BS)
+        ctx = BlockContext(masks.bidirectional_mask(segment_ids_BS), positions_BS, bias)
+        encoded_BSD = self.encoder(self.embed(tokens_BS, positions_BS), ctx)
+        return encoded_BSD if self.encoder_norm is None else self.encoder_norm(encoded_BSD)
+
+    def init_caches(self, batch: int, max_len: int) -> KVCache:
+        one = KVCache.zeros(self.cfg, batch, max_len)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.cfg.decoder_layers, *a.shape)), one)
+
+    def decode(
+        self, tokens_BT: Array, encoded_BSD: Array, *, encoder_segment_ids_BS=None, segment_ids_BT=None,
+        positions_BT=None, caches: KVCache | None = None, cache_index=None,
+    ):
+        """Decoder logits ``[B, T, V]`` (and updated caches when decoding step by step)."""
+        max_len = None if caches is None else caches.k_BSKH.shape[2]
+        _check_tokens(self.cfg, tokens_BT, "decoder input", max_len)
+        segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
+        if encoder_segment_ids_BS is None:
+            encoder_segment_ids_BS = jnp.ones(encoded_BSD.shape[:2], jnp.int32)
+        if caches is None:
+            self_mask = masks.decoder_mask(segment_ids_BT)
+            key_positions = positions_BT
+        else:
+            cache_len = caches.k_BSKH.shape[2]
+            self_mask = masks.causal_mask(tokens_BT.shape[1], cache_len, cache_index)
+            self_mask = jnp.broadcast_to(self_mask, (tokens_BT.shape[0], *self_mask.shape[1:]))
+            key_positions = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (tokens_BT.shape[0], cache_len))
+        bias = None if self.decoder_bias is None else self.decoder_bias(positions_BT, key_positions)
+        cross = masks.cross_mask(segment_ids_BT, encoder_segment_ids_BS)
+        ctx = BlockContext(self_mask, positions_BT, bias, encoded_BSD, cross)
+        out = self.decoder(self.embed(tokens_BT, positions_BT), ctx, caches, cache_index)
+        hidden_BTD, caches = (out, None) if caches is None else out
+        if self.decoder_norm is not None:
+            hidden_BTD = self.decoder_norm(hidden_BTD)
+        logits_BTV = self.lm_head(hidden_BTD, self.embed.tokens)
+        return logits_BTV if caches is None else (logits_BTV, caches)
+
+    def __call__(
+        self, encoder_tokens_BS: Array, decoder_tokens_BT: Array, *, encoder_segment_ids_BS=None,
+        encoder_positions_BS=None, decoder_segment_ids_BT=None, decoder_positions_BT=None,
+    ) -> Array:
+        encoded_BSD = self.encode(encoder_tokens_BS, segment_ids_BS=encoder_segment_ids_BS, positions_BS=encoder_positions_BS)
+        return self.decode(
+            decoder_tokens_BT, encoded_BSD, encoder_segment_ids_BS=encoder_segment_ids_BS,
+            segment_ids_BT=decoder_segment_ids_BT, positions_BT=decoder_positions_BT,
+        )
+
+
+MODEL_CLASSES = {"encoder_only": EncoderOnly, "decoder_only": DecoderOnly, "encoder_decoder": EncoderDecoder}
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> EncoderOnly | DecoderOnly | EncoderDecoder:
+    """The model of ``cfg.family`` with parameters drawn from ``seed``."""
+    return MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(params=seed))
