@@ -153,7 +153,11 @@ class DecoderOnly(nnx.Module):
             self_mask = masks.padding_mask(cache_segment_ids_BS, tokens_BT.shape[1]) & masks.causal_mask(
                 tokens_BT.shape[1], cache_len, cache_index
             )
-            key_positions_BS = masks.default_positions(cache_segment_ids_BS)
+            # A slot's position counts the real (non-padding) slots before it, so a left-padded
+            # row, whose positions restart at its first real token, gets the right relative bias.
+            # Equals arange when nothing is padded.
+            real_BS = (cache_segment_ids_BS != 0).astype(jnp.int32)
+            key_positions_BS = jnp.maximum(jnp.cumsum(real_BS, axis=1) - 1, 0)
         bias = None if self.relative_bias is None else self.relative_bias(positions_BT, key_positions_BS)
         ctx = BlockContext(self_mask, positions_BT, bias)
         out = self.layers(self.embed(tokens_BT, positions_BT), ctx, caches, cache_index)

@@ -1,0 +1,320 @@
+"""Autoregressive decoding with the fixed-shape KV cache: greedy, temperature, top-k, top-p.
+
+Per model and sampling setting there are two jitted functions, built once and reused by
+later calls with the same shapes: a *start* (DecoderOnly: prefill of the whole left-padded
+prompt batch; EncoderDecoder: the encoder) and ONE decode step, jitted over
+``(state, caches, token, index, rng, ...)`` with the caches donated, run for every new token.
+The step index is a traced scalar, so the step never recompiles between tokens.
+
+Left padding (DecoderOnly): prompts of different lengths are right-aligned in one batch; pad
+slots carry segment id 0 (masked as keys) and each row's positions start at 0 at its first
+real token, so every row decodes exactly as it would alone. EncoderDecoder prompts are the
+encoder inputs, right-padded; the decoder starts from ``SPECIAL.pad`` (T5's start id).
+
+Shape letters as in ``archlab/nn/attention.py``; P is the padded prompt length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from archlab.errors import ConfigError
+from archlab.nn.models import DecoderOnly, EncoderDecoder, EncoderOnly
+from archlab.tokens import SPECIAL
+
+Array = jax.Array
+Model = DecoderOnly | EncoderDecoder | EncoderOnly
+
+# How often each jitted function has been traced (incremented inside the traced bodies):
+# tests read it to prove the decode step compiles once, not once per token.
+TRACE_COUNTS: Counter[str] = Counter()
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn; ``temperature == 0`` is greedy and ignores top-k/top-p."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationResult:
+    """What ``generate`` produced, one entry per prompt.
+
+    ``tokens`` holds only the new tokens, cut just before EOS (the EOS itself is excluded);
+    ``finished[i]`` says whether row i stopped at EOS rather than at ``max_new_tokens``.
+    ``logprobs`` are log-probabilities of those tokens under the model's unmodified
+    distribution (log-softmax of the raw logits, before temperature/top-k/top-p).
+    ``logits`` (``return_logits=True`` only) is ``[B, steps, V]`` float32: the raw logits at
+    every decoding step run, including steps after a row finished.
+    """
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]
+    logits: np.ndarray | None = None
+
+
+# ---- sampling -------------------------------------------------------------------------
+
+
+def _top_k_filter(logits_BV: Array, top_k: int) -> Array:
+    k = min(top_k, logits_BV.shape[-1])
+    kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+    return jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf)
+
+
+def _top_p_filter(logits_BV: Array, top_p: float) -> Array:
+    """Nucleus (Holtzman et al. 2020): the smallest top set whose probability reaches ``top_p``."""
+    sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Probability mass strictly above each token: the most likely token is always kept.
+    mass_above_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    threshold_B1 = jnp.min(jnp.where(mass_above_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+
+
+def sample_logits(
+    logits_BV: Array, rng: Array, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
+) -> Array:
+    """Next token ids ``[B]`` (int32) from logits ``[B, V]``.
+
+    ``temperature == 0`` is greedy (argmax; top-k/top-p ignored). Otherwise logits are divided
+    by ``temperature``, then top-k, then top-p filtering apply (the Hugging Face order), and one
+    token per row is drawn with ``rng``. The settings are Python values fixed at trace time.
+    """
+    sampling = Sampling(temperature, top_k, top_p)
+    logits_BV = logits_BV.astype(jnp.float32)
+    if sampling.temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / sampling.temperature
+    if sampling.top_k is not None:
+        logits_BV = _top_k_filter(logits_BV, sampling.top_k)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        logits_BV = _top_p_filter(logits_BV, sampling.top_p)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def _choose(logits_BV: Array, rng: Array, done_B: Array, sampling: Sampling, eos_id: Array):
+    """Sample, emit padding for finished rows, mark rows that just produced EOS."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    token_B = sample_logits(logits_BV, rng, sampling.temperature, sampling.top_k, sampling.top_p)
+    token_B = jnp.where(done_B, SPECIAL.pad, token_B)
+    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+    return token_B, logprob_B, done_B | (token_B == eos_id)
+
+
+# ---- the jitted functions ---------------------------------------------------------------
+
+_COMPILED: dict[tuple, tuple[Callable, Callable]] = {}
+
+
+def _decoder_only_functions(graphdef, sampling: Sampling) -> tuple[Callable, Callable]:
+    def prefill(state, prompt_BP, positions_BP, cache_segment_ids_BS, rng, eos_id):
+        TRACE_COUNTS["decoder_only_prefill"] += 1
+        model = nnx.merge(graphdef, state)
+        batch, cache_len = cache_segment_ids_BS.shape
+        hidden_BPD, caches = model.hidden(
+            prompt_BP, positions_BT=positions_BP, caches=model.init_caches(batch, cache_len), cache_index=0,
+            cache_segment_ids_BS=cache_segment_ids_BS,
+        )
+        rng, draw = jax.random.split(rng)
+        # Left padding puts every row's last prompt token in the last column: only it needs the head.
+        logits_BV = model.lm_head(hidden_BPD[:, -1:], model.embed.tokens)[:, 0].astype(jnp.float32)
+        token_B, logprob_B, done_B = _choose(logits_BV, draw, jnp.zeros((batch,), bool), sampling, eos_id)
+        return caches, token_B, logprob_B, done_B, logits_BV, rng
+
+    def step(state, caches, token_B, index, rng, done_B, eos_id, pad_B, cache_segment_ids_BS):
+        TRACE_COUNTS["decoder_only_step"] += 1
+        model = nnx.merge(graphdef, state)
+        logits_B1V, caches = model(
+            token_B[:, None], positions_BT=(index - pad_B)[:, None], caches=caches, cache_index=index,
+            cache_segment_ids_BS=cache_segment_ids_BS,
+        )
+        rng, draw = jax.random.split(rng)
+        logits_BV = logits_B1V[:, 0].astype(jnp.float32)
+        token_B, logprob_B, done_B = _choose(logits_BV, draw, done_B, sampling, eos_id)
+        return caches, token_B, logprob_B, done_B, logits_BV, rng
+
+    return jax.jit(prefill), jax.jit(step, donate_argnums=(1,))
+
+
+def _encoder_decoder_functions(graphdef, sampling: Sampling) -> tuple[Callable, Callable]:
+    def start(state, encoder_BS, encoder_segment_ids_BS):
+        TRACE_COUNTS["encoder_decoder_encode"] += 1
+        return nnx.merge(graphdef, state).encode(encoder_BS, segment_ids_BS=encoder_segment_ids_BS)
+
+    def step(state, caches, token_B, index, rng, done_B, eos_id, encoded_BSD, encoder_segment_ids_BS):
+        TRACE_COUNTS["encoder_decoder_step"] += 1
+        model = nnx.merge(graphdef, state)
+        positions_B1 = jnp.full((token_B.shape[0], 1), index, jnp.int32)
+        logits_B1V, caches = model.decode(
+            token_B[:, None], encoded_BSD, encoder_segment_ids_BS=encoder_segment_ids_BS, positions_BT=positions_B1,
+            caches=caches, cache_index=index,
+        )
+        rng, draw = jax.random.split(rng)
+        logits_BV = logits_B1V[:, 0].astype(jnp.float32)
+        token_B, logprob_B, done_B = _choose(logits_BV, draw, done_B, sampling, eos_id)
+        return caches, token_B, logprob_B, done_B, logits_BV, rng
+
+    return jax.jit(start), jax.jit(step, donate_argnums=(1,))
+
+
+def _functions(model: Model, graphdef, state, sampling: Sampling) -> tuple[Callable, Callable]:
+    """The jitted pair, shared by every model with the same config and parameter tree."""
+    key = (model.cfg.family, dataclasses.astuple(model.cfg), jax.tree.structure(state), sampling)
+    if key not in _COMPILED:
+        if len(_COMPILED) >= 32:
+            _COMPILED.clear()
+        build = _decoder_only_functions if model.cfg.family == "decoder_only" else _encoder_decoder_functions
+        _COMPILED[key] = build(graphdef, sampling)
+    return _COMPILED[key]
+
+
+# ---- input checks and padding ---------------------------------------------------------
+
+
+def _as_rows(prompts: Sequence[Sequence[int]] | np.ndarray, vocab_size: int) -> list[np.ndarray]:
+    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) != 2:
+        raise ConfigError(f"prompts as an array must be [batch, length], got shape {np.shape(prompts)}")
+    rows = [np.asarray(row, dtype=np.int64).reshape(-1) for row in prompts]
+    if not rows:
+        raise ConfigError("prompts is empty; pass at least one prompt")
+    for i, row in enumerate(rows):
+        if row.size == 0:
+            raise ConfigError(f"prompt {i} is empty; every prompt needs at least one token")
+        if row.min() < 0 or row.max() >= vocab_size:
+            raise ConfigError(f"prompt {i} has token ids outside [0, {vocab_size}) (model.vocab_size)")
+    return rows
+
+
+def _pad(rows: list[np.ndarray], left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens_BP, segment_ids_BP)`` int32, padded with ``SPECIAL.pad`` / segment 0."""
+    length = max(len(row) for row in rows)
+    tokens_BP = np.full((len(rows), length), SPECIAL.pad, np.int32)
+    segment_ids_BP = np.zeros((len(rows), length), np.int32)
+    for b, row in enumerate(rows):
+        cols = slice(length - len(row), length) if left else slice(0, len(row))
+        tokens_BP[b, cols], segment_ids_BP[b, cols] = row, 1
+    return tokens_BP, segment_ids_BP
+
+
+def _check_lengths(model: Model, prompt_len: int, max_new_tokens: int, max_len: int | None) -> int:
+    """The cache length to use; refuses lengths the model or the cache cannot hold."""
+    cfg = model.cfg
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if cfg.family == "decoder_only":
+        needed, what = prompt_len + max_new_tokens, f"longest prompt ({prompt_len}) + max_new_tokens ({max_new_tokens})"
+    else:
+        needed, what = max_new_tokens, f"max_new_tokens ({max_new_tokens})"
+        if prompt_len > cfg.max_seq_len:
+            raise ConfigError(f"encoder prompt length {prompt_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+    if max_len is not None and max_len < needed:
+        raise ConfigError(f"max_len={max_len} is smaller than {what} = {needed}")
+    if cfg.position == "learned" and needed > cfg.max_seq_len:
+        raise ConfigError(
+            f"{what} = {needed} exceeds the learned position table (model.max_seq_len={cfg.max_seq_len})"
+        )
+    return needed if max_len is None else max_len
+
+
+# ---- the decoding loop ------------------------------------------------------------------
+
+
+def generate(
+    model: Model,
+    prompts: Sequence[Sequence[int]] | np.ndarray,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = SPECIAL.eos,
+    seed: int = 0,
+    max_len: int | None = None,
+    return_logits: bool = False,
+) -> GenerationResult:
+    """Continue each prompt (DecoderOnly) or decode from each encoder input (EncoderDecoder).
+
+    Rows stop at ``eos_id`` (None: never) and the loop ends once every row has. ``max_len`` is
+    the KV-cache length (default: just enough: longest prompt + ``max_new_tokens`` for
+    DecoderOnly, ``max_new_tokens`` for the EncoderDecoder decoder). All randomness comes from
+    ``jax.random.key(seed)``, split once per step.
+    """
+    if model.cfg.family == "encoder_only":
+        raise ConfigError("encoder_only models have no decoder to generate with; use MLM scoring instead")
+    sampling = Sampling(temperature, top_k, top_p)
+    rows = _as_rows(prompts, model.cfg.vocab_size)
+    prompt_len = max(len(row) for row in rows)
+    cache_len = _check_lengths(model, prompt_len, max_new_tokens, max_len)
+    eos = np.int32(-1 if eos_id is None else eos_id)  # traced: a new EOS id does not recompile
+    graphdef, state = nnx.split(model)
+    start, step = _functions(model, graphdef, state, sampling)
+    rng = jax.random.key(seed)
+    outputs: list[tuple[Array, Array, Array]] = []  # (token_B, logprob_B, logits_BV) per step
+
+    if model.cfg.family == "decoder_only":
+        prompt_BP, segment_ids_BP = _pad(rows, left=True)
+        pad_B = (prompt_len - segment_ids_BP.sum(axis=1)).astype(np.int32)
+        positions_BP = np.maximum(np.arange(prompt_len, dtype=np.int32)[None] - pad_B[:, None], 0)
+        cache_segment_ids_BS = np.ones((len(rows), cache_len), np.int32)
+        cache_segment_ids_BS[:, :prompt_len] = segment_ids_BP
+        caches, token_B, logprob_B, done_B, logits_BV, rng = start(
+            state, prompt_BP, positions_BP, cache_segment_ids_BS, rng, eos
+        )
+        outputs.append((token_B, logprob_B, logits_BV))
+        constants = (jnp.asarray(pad_B), jnp.asarray(cache_segment_ids_BS))
+        first_index, n_steps = prompt_len, max_new_tokens - 1
+    else:
+        encoder_BS, encoder_segment_ids_BS = _pad(rows, left=False)
+        encoded_BSD = start(state, encoder_BS, encoder_segment_ids_BS)
+        caches = model.init_caches(len(rows), cache_len)
+        token_B = jnp.full((len(rows),), SPECIAL.pad, jnp.int32)
+        done_B = jnp.zeros((len(rows),), bool)
+        constants = (encoded_BSD, jnp.asarray(encoder_segment_ids_BS))
+        first_index, n_steps = 0, max_new_tokens
+
+    for i in range(n_steps):
+        # One host sync per token; it lets the loop end as soon as every row has produced EOS.
+        if eos_id is not None and bool(done_B.all()):
+            break
+        index = np.int32(first_index + i)  # traced by the step: no recompilation per token
+        caches, token_B, logprob_B, done_B, logits_BV, rng = step(
+            state, caches, token_B, index, rng, done_B, eos, *constants
+        )
+        outputs.append((token_B, logprob_B, logits_BV))
+    return _collect(outputs, eos_id, return_logits)
+
+
+def _collect(outputs: list[tuple[Array, Array, Array]], eos_id: int | None, return_logits: bool) -> GenerationResult:
+    tokens_BN = np.asarray(jnp.stack([o[0] for o in outputs], axis=1))
+    logprobs_BN = np.asarray(jnp.stack([o[1] for o in outputs], axis=1))
+    tokens, logprobs, finished = [], [], []
+    for b in range(tokens_BN.shape[0]):
+        hits = np.flatnonzero(tokens_BN[b] == eos_id) if eos_id is not None else np.array([], int)
+        end = int(hits[0]) if hits.size else tokens_BN.shape[1]
+        tokens.append(tokens_BN[b, :end].tolist())
+        logprobs.append(logprobs_BN[b, :end].astype(float).tolist())
+        finished.append(bool(hits.size))
+    logits = np.asarray(jnp.stack([o[2] for o in outputs], axis=1)) if return_logits else None
+    return GenerationResult(tokens, logprobs, finished, logits)
