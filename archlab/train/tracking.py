@@ -1,0 +1,381 @@
+"""Experiment tracking: every metric goes to ``metrics.jsonl`` in the run directory, and to W&B when asked.
+
+``metrics.jsonl`` is the record of truth (one JSON object per line: ``step`` plus the metrics,
+NaN written as ``NaN``); W&B is a view of it that must never stop training. Any exception from
+``wandb.init``, ``run.log`` or the summary falls back (online -> offline once, else W&B off) with
+one ``logging.warning``, and the file keeps being written.
+
+W&B x-axes: the default ``_step`` is the training step (every row is logged with ``step=``).
+Every training row also carries ``tokens`` and ``flops``; ``train/*``, ``val/*`` and ``eval/*`` use
+``tokens`` as their step metric, so W&B charts them against tokens seen. W&B allows one step metric per key,
+so to plot against compute pick ``flops`` as the chart's X axis in the UI (any logged scalar can
+be an X axis) — it is in every row.
+
+Offline runs live in ``run_dir/wandb/offline-run-<time>-<id>/run-<id>.wandb``; upload them later
+with ``wandb sync <that dir>``. :func:`read_offline_run` and :func:`read_offline_history` read one
+back without a server through wandb's own ``wandb leet inspect``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import string
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from archlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("wandb", "none")
+JOB_TYPES = ("train", "eval")
+MODES = ("offline", "online", "disabled")
+# Older spellings wandb still accepts in WANDB_MODE.
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+# Metrics plotted against tokens seen by default; `flops` is the alternative X axis.
+TOKEN_AXIS_GLOBS = ("train/*", "val/*", "eval/*")
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+# wandb's JSON output writes non-finite floats as these strings.
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_INSPECT_TIMEOUT_S = 120
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready Python scalar from a float, int, numpy or JAX scalar."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return float(value)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so a crash leaves the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def trim_metrics_file(path: Path, resume_step: int) -> int:
+    """Drop rows with ``step > resume_step`` (and torn lines) left by a crashed run; return how many.
+
+    The file is rewritten atomically and only when something is dropped.
+    """
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row.get("step"), (int, float)) and row["step"] > resume_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        _write_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped
+
+
+def new_run_id(length: int = 8) -> str:
+    """A fresh W&B run id (base 36); drawn from ``secrets`` so seeded runs still get distinct ids."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def _has_credentials() -> bool:
+    """Whether W&B has an API key, found without ever prompting (wandb.init would ask on a TTY)."""
+    import wandb
+
+    if wandb.run is not None:  # someone else's run already logged in this process
+        return True
+    return wandb.login(prompt=False, verify=False)
+
+
+def _resolve_mode(mode: str) -> str:
+    """The W&B mode to use: ``WANDB_MODE`` from the user's environment wins over the config."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    chosen = _MODE_ALIASES.get(env, env) if env else mode
+    if chosen not in MODES:
+        source = "WANDB_MODE" if env else "mode"
+        raise ConfigError(f"{source}={chosen!r} is not a W&B mode; use one of {', '.join(MODES)}")
+    return chosen
+
+
+class Tracker:
+    """Logs metrics of one run to ``run_dir/metrics.jsonl`` and, with ``backend="wandb"``, to W&B.
+
+    ``run_id`` resumes that W&B run (``resume="allow"``); ``resume_step`` is the step of the
+    checkpoint being resumed: rows after it in ``metrics.jsonl`` are from a crashed tail and are
+    removed. Several trackers may be open in one process (``reinit="create_new"``), so W&B is only
+    reached through this tracker's own run object, never ``wandb.log``.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        backend: str,
+        project: str,
+        group: str | None,
+        name: str,
+        tags: list[str],
+        job_type: str,
+        config: dict,
+        mode: str = "offline",
+        run_id: str | None = None,
+        resume_step: int | None = None,
+        entity: str | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"tracking backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+        if job_type not in JOB_TYPES:
+            raise ConfigError(f"job_type {job_type!r} is unknown; use one of {', '.join(JOB_TYPES)}")
+        wandb_mode = _resolve_mode(mode) if backend == "wandb" else "disabled"
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.run_dir / METRICS_FILE
+        if resume_step is not None:
+            dropped = trim_metrics_file(metrics_path, resume_step)
+            if dropped:
+                log.info("dropped %d rows after step %d from %s", dropped, resume_step, metrics_path)
+        self._metrics = metrics_path.open("a")
+        summary_path = self.run_dir / SUMMARY_FILE
+        self._summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        self._last_step = resume_step or 0
+        self._finished = False
+
+        self._run = None
+        self._run_id: str | None = None
+        self._wandb_mode: str | None = None
+        if wandb_mode != "disabled":
+            init_kwargs = dict(
+                entity=entity,
+                project=project,
+                group=group,
+                name=name,
+                tags=list(tags),
+                job_type=job_type,
+                config=dict(config),
+            )
+            self._start_wandb(init_kwargs, wandb_mode, run_id)
+
+    # -- W&B life cycle -------------------------------------------------------------------
+
+    def _start_wandb(self, init_kwargs: dict, mode: str, run_id: str | None) -> None:
+        resume = "allow" if run_id is not None else None
+        # The id is fixed before the first attempt so an offline fallback is the same run.
+        run_id = run_id or new_run_id()
+        try:
+            if mode == "online" and not _has_credentials():
+                raise RuntimeError("no W&B credentials (WANDB_API_KEY, ~/.netrc or `wandb login`)")
+            self._run = self._init(init_kwargs, mode, run_id, resume)
+        except Exception as first:
+            if mode != "online":
+                log.warning("W&B disabled, metrics go to %s only: %s: %s",
+                            self._metrics.name, type(first).__name__, first)
+                return
+            try:
+                self._run = self._init(init_kwargs, "offline", run_id, resume)
+            except Exception as second:
+                log.warning("W&B disabled, metrics go to %s only: online init failed (%s: %s), "
+                            "then offline init failed (%s: %s)", self._metrics.name,
+                            type(first).__name__, first, type(second).__name__, second)
+                return
+            log.warning("W&B online init failed (%s: %s); logging offline to %s — upload it later "
+                        "with `wandb sync`", type(first).__name__, first, Path(self._run.dir).parent)
+            mode = "offline"
+        self._run_id = self._run.id
+        self._wandb_mode = mode
+
+    def _init(self, init_kwargs: dict, mode: str, run_id: str, resume: str | None):
+        import wandb
+
+        settings = wandb.Settings(
+            silent=True,
+            console="off",  # leave stdout/stderr (progress bars) alone
+            x_disable_stats=True,  # no system-metrics sampler; throughput and MFU are logged by us
+        )
+        run = wandb.init(
+            **init_kwargs,
+            dir=str(self.run_dir),
+            mode=mode,
+            id=run_id,
+            resume=resume,
+            reinit="create_new",
+            settings=settings,
+        )
+        try:
+            run.define_metric("tokens")
+            run.define_metric("flops")
+            for glob in TOKEN_AXIS_GLOBS:
+                run.define_metric(glob, step_metric="tokens")
+        except Exception:
+            run.finish(exit_code=1)
+            raise
+        return run
+
+    def _disable_wandb(self, what: str, error: Exception) -> None:
+        log.warning("W&B %s failed (%s: %s); W&B logging is off for the rest of this run, "
+                    "metrics go to %s only", what, type(error).__name__, error, self._metrics.name)
+        run, self._run = self._run, None
+        try:
+            run.finish(exit_code=1)
+        except Exception:
+            pass
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id (store it with the checkpoint to resume the run); None without W&B."""
+        return self._run_id
+
+    @property
+    def wandb_mode(self) -> str | None:
+        """The mode W&B actually runs in ("online" / "offline"), or None when it is off."""
+        return self._wandb_mode if self._run is not None else None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Append one row at training step ``step``; W&B gets it with ``_step = step``."""
+        row = {"step": int(step)}
+        row.update((k, _plain(v)) for k, v in metrics.items() if k != "step")
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        self._last_step = int(step)
+        if self._run is not None:
+            try:
+                self._run.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+            except Exception as e:
+                self._disable_wandb("log", e)
+
+    def summary(self, values: dict) -> None:
+        """Record final values: W&B's run summary and ``run_dir/summary.json`` (merged with earlier calls)."""
+        plain = {k: _plain(v) if not isinstance(v, (dict, list)) else v for k, v in values.items()}
+        self._summary.update(plain)
+        _write_atomic(self.run_dir / SUMMARY_FILE, json.dumps(self._summary, indent=2, sort_keys=True) + "\n")
+        if self._run is not None:
+            try:
+                self._run.summary.update(plain)
+            except Exception as e:
+                self._disable_wandb("summary", e)
+
+    def log_image(self, key: str, path: Path, step: int | None = None) -> None:
+        """Log an image file (a plot) to W&B at ``step`` (default: the last logged step); no-op without W&B."""
+        if self._run is None:
+            return
+        if not Path(path).is_file():
+            log.warning("no image at %s; %r not logged", path, key)
+            return
+        import wandb
+
+        try:
+            self._run.log({key: wandb.Image(str(path))}, step=self._last_step if step is None else int(step))
+        except Exception as e:
+            self._disable_wandb("log_image", e)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close ``metrics.jsonl`` and finish the W&B run (a non-zero ``exit_code`` marks it failed). Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        self._metrics.close()
+        if self._run is not None:
+            run, self._run = self._run, None
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as e:
+                log.warning("W&B finish failed (%s: %s); metrics are in %s", type(e).__name__, e,
+                            self._metrics.name)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
+
+
+# -- reading offline runs back (no server) ----------------------------------------------------
+
+
+def offline_run_files(run_dir: Path) -> list[Path]:
+    """The ``.wandb`` transaction logs of the offline runs under ``run_dir``, oldest first.
+
+    A resumed run adds a directory with the same run id (``offline-run-<time>-<id>[-N]``).
+    """
+    return sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+
+
+def _inspect(path: Path, *flags: str) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no W&B run at {path}")
+    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", *flags, str(path)]
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=_INSPECT_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"`wandb leet inspect` failed on {path} (exit {done.returncode}): "
+                           f"{done.stderr.strip()[-2000:]}")
+    return done.stdout
+
+
+def _finite_or_float(value: Any) -> Any:
+    if isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    if isinstance(value, dict):
+        return {k: _finite_or_float(v) for k, v in value.items()}
+    return value
+
+
+def read_offline_run(path: Path) -> dict:
+    """A run's state as ``wandb leet inspect --summary --json`` prints it.
+
+    ``path`` is a ``.wandb`` file, its run directory, or a ``wandb`` directory (latest run).
+    Keys: ``run_id, name, project, entity, notes, tags, config, state`` ("finished" / "failed" /
+    "running"), ``exit_code, step`` (last ``_step``), ``summary`` (latest values, nested keys as
+    dicts), ``start_time, last_write, file, console, console_lines``. Group and job type are not
+    in it: they are in the ``"run"`` record of :func:`read_offline_records`.
+    Non-finite summary values come back as floats.
+    """
+    out = json.loads(_inspect(path, "--summary"))
+    out["summary"] = _finite_or_float(out.get("summary", {}))
+    return out
+
+
+def read_offline_records(path: Path) -> list[dict]:
+    """Every record of the transaction log, as ``wandb leet inspect --json`` prints them.
+
+    Each is ``{"num": n, "type": t, t: {...}}``; e.g. ``type == "run"`` holds ``run_id, project,
+    run_group, job_type, tags, display_name, config`` (as ``{"update": {...}}``) and ``resume``.
+    """
+    return [json.loads(line) for line in _inspect(path).splitlines() if line.strip()]
+
+
+def read_offline_history(path: Path) -> list[dict]:
+    """The logged rows, in order: each a flat dict with ``_step``, ``_runtime``, ``_timestamp``
+    and the metrics (nested keys dotted, ``"NaN"`` / ``"Infinity"`` turned back into floats)."""
+    return [
+        _finite_or_float(rec["history"]["item"])
+        for rec in read_offline_records(path)
+        if rec.get("type") == "history"
+    ]
