@@ -175,3 +175,10 @@ def test_wrong_family_for_class_is_refused():
 def test_unknown_preset_is_refused():
     with pytest.raises(ConfigError, match="unknown model preset"):
         preset("gpt5")
+
+
+def test_schema_lists_every_data_source():
+    from archlab.data.sources import SOURCES
+    from archlab.schema import DATA_SOURCES
+
+    assert set(DATA_SOURCES) == set(SOURCES)

@@ -1,0 +1,153 @@
+"""The Hydra apps ``archlab-train`` and ``archlab-eval`` (thin: compose, validate, delegate).
+
+Any bad input ends with one line on stderr, ``<app>: error: <reason>``, and exit code 2,
+before anything is compiled or written (``HYDRA_FULL_ERROR=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+import hydra._internal.utils as hydra_utils
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from archlab.errors import ArchlabError
+from archlab.schema import EvalConfig, TrainConfig, register_configs
+
+CONF_DIR = str(Path(os.environ.get("ARCHLAB_CONF", Path(__file__).resolve().parent.parent / "conf")))
+EXIT_BAD_INPUT = 2
+_APP_NAME = ["archlab"]  # set by the entry point, so messages name the app even under ``python -c``
+_NOISE = re.compile(r"^(object_type|reference_type|Set the environment variable HYDRA_FULL_ERROR)")
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra and OmegaConf spread a message over several lines and a chain of causes; keep what a
+    user needs on one line."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).split("Config search path")[0]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not _NOISE.match(ln.strip())]
+        lines = [ln for ln in lines if not ln.startswith("To append to your config")]
+        lines = [f"at {ln.split(':', 1)[1].strip()}" if ln.startswith("full_key:") else ln for ln in lines]
+        for line in lines:
+            if line not in parts and "$" not in line and line != "at":
+                parts.append(line)
+        error = None if isinstance(error, ArchlabError) else (error.__cause__ or error.__context__)
+    text = "; ".join(p.rstrip(".:") for p in parts) or "unknown error"
+    return re.sub(
+        r"Available options in '(\w+)'; ((?:[\w.-]+; )*[\w.-]+)",
+        lambda m: f"available {m.group(1)} options: " + m.group(2).replace("; ", ", "),
+        text,
+    )
+
+
+def _remove_if_empty(directory: Path) -> None:
+    """Hydra creates the output directory before the config is checked; an empty one is no result."""
+    try:
+        directory.rmdir()
+    except OSError:
+        pass  # not empty (or absent): leave it exactly as it is
+
+
+def _fail(app: str, message: str) -> None:
+    print(f"{app}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _report_in_one_line(func, *args, **kwargs):
+    """Replaces Hydra's ``run_and_report`` so composition errors also end in one line."""
+    app = _APP_NAME[0]
+    try:
+        return func(*args, **kwargs)
+    except SystemExit:
+        raise
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line unless asked otherwise
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        cause = error
+        while cause.__cause__ is not None and not isinstance(cause, ArchlabError):
+            cause = cause.__cause__
+        if not isinstance(cause, ArchlabError):
+            logging.getLogger("archlab").debug("error", exc_info=error)
+        _fail(app, one_line(cause if isinstance(cause, ArchlabError) else error))
+
+
+def typed(cfg: DictConfig, schema):
+    """The validated dataclass (``__post_init__`` checks run here)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except Exception as error:  # OmegaConf wraps errors raised in __post_init__
+        cause = error
+        while cause is not None and not isinstance(cause, ArchlabError):
+            cause = cause.__cause__ or cause.__context__
+        raise (cause or ArchlabError(one_line(error))) from error
+    if not isinstance(obj, schema):
+        raise ArchlabError(f"configuration did not compose into {schema.__name__}")
+    return obj
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _train_app(cfg: DictConfig) -> float | None:
+    _quiet_libraries()
+    run_dir = Path(cfg.run.dir or HydraConfig.get().runtime.output_dir)
+    try:
+        config = typed(cfg, TrainConfig)
+        from archlab.train.loop import train  # imported late: bad configs are refused before JAX loads
+
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        summary = train(config, run_dir, resolved_config=resolved)
+    except ArchlabError as error:
+        _remove_if_empty(run_dir)
+        _fail("archlab-train", one_line(error))
+    return summary.get("val/loss")  # the objective a Hydra sweeper (e.g. Optuna) minimises
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def _eval_app(cfg: DictConfig) -> None:
+    _quiet_libraries()
+    try:
+        config = typed(cfg, EvalConfig)
+        from archlab.evaluate import evaluate
+
+        evaluate(config)
+    except ArchlabError as error:
+        _fail("archlab-eval", one_line(error))
+
+
+def _first_set(value, fallback):
+    """``${archlab.or:a,b}``: ``a`` unless it is unset/null (``oc.select`` returns a null as is)."""
+    return fallback if value in (None, "None", "null", "") else value
+
+
+NOISY_LIBRARIES = ("absl", "jax", "orbax", "tensorstore", "datasets", "urllib3", "httpx", "filelock", "fsspec")
+
+
+def _quiet_libraries() -> None:
+    """Hydra sets the root logger to INFO; libraries' INFO chatter would bury the progress bar."""
+    for name in NOISY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _main(app, name: str) -> None:
+    _APP_NAME[0] = name
+    register_configs()
+    if not OmegaConf.has_resolver("archlab.or"):
+        OmegaConf.register_new_resolver("archlab.or", _first_set)
+    hydra_utils.run_and_report = _report_in_one_line
+    app()
+
+
+def train_main() -> None:
+    _main(_train_app, "archlab-train")
+
+
+def eval_main() -> None:
+    _main(_eval_app, "archlab-eval")

@@ -1,0 +1,160 @@
+"""Evaluate saved checkpoints: rebuild everything from the run's own config, then score.
+
+``archlab-eval checkpoint=<dir>`` accepts a run directory, its ``checkpoints/``
+directory, one step directory, or a sweep directory holding many runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import jax
+import yaml
+from flax import nnx
+from omegaconf import OmegaConf
+
+from archlab.errors import CheckpointError
+from archlab.nn.models import build_model
+from archlab.schema import EvalConfig, TrainConfig
+from archlab.tokens import SPECIAL
+from archlab.train.checkpoint import Checkpointer
+from archlab.train.metrics import Aggregate, eval_metrics
+from archlab.train.optim import make_optimizer
+from archlab.train.run_dir import CONFIG_FILE, TOKENIZER_FILE
+from archlab.train.setup import load_corpus, make_plan, objective_transform, row_length_for, validation_batches
+from archlab.train.state import TrainState, abstract_like, from_checkpoint, to_checkpoint
+from archlab.train.step import make_eval_step
+from archlab.train.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PROMPTS = ("ROMEO:", "To be, or not", "The king")
+EVAL_FILE = "eval.json"
+
+
+def find_runs(path: Path) -> tuple[list[Path], int | None]:
+    """Run directories under ``path`` and the step named by a step directory (if one was given)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such directory: {path}")
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return [path.parent.parent], int(path.name)
+    if path.name == "checkpoints":
+        path = path.parent
+    if (path / CONFIG_FILE).is_file():
+        runs = [path]
+    else:
+        runs = sorted(p.parent for p in path.rglob(CONFIG_FILE) if (p.parent / "checkpoints").is_dir())
+    runs = [r for r in runs if Checkpointer(r / "checkpoints", async_save=False).latest_step() is not None]
+    if not runs:
+        raise CheckpointError(f"no checkpoints in {path}")
+    return runs, None
+
+
+def load_train_config(run_dir: Path) -> TrainConfig:
+    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    return OmegaConf.to_object(merged)
+
+
+def evaluate(cfg: EvalConfig) -> list[dict]:
+    runs, step_from_path = find_runs(Path(cfg.checkpoint))
+    results = []
+    for run_dir in runs:
+        results.extend(evaluate_run(run_dir, cfg, step_from_path if cfg.step is None else cfg.step))
+    return results
+
+
+def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]:
+    train_cfg = load_train_config(run_dir)
+    if cfg.expect_family and cfg.expect_family != train_cfg.model.family:
+        raise CheckpointError(
+            f"{run_dir} holds a {train_cfg.model.family} model, not the requested {cfg.expect_family}"
+        )
+    data_cfg = cfg.data or train_cfg.data
+    corpus = load_corpus(replace(data_cfg, vocab_size=train_cfg.data.vocab_size, seq_len=train_cfg.data.seq_len),
+                         row_length_for(train_cfg), run_dir / TOKENIZER_FILE)
+    plan = make_plan(train_cfg, corpus.tokenizer.vocab_size)
+    transform = objective_transform(train_cfg, corpus.tokenizer.vocab_size)
+    batches = validation_batches(
+        corpus.validation, transform, batch_size=cfg.batch_size or train_cfg.run.batch_size,
+        n_batches=cfg.batches, seed=train_cfg.run.seed,
+    )
+    graphdef, params = nnx.split(build_model(plan.model, seed=train_cfg.run.seed))
+    tx, _ = make_optimizer(train_cfg.optimizer, plan.total_steps, plan.tokens_per_step)
+    like = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
+    checkpoints = Checkpointer(run_dir / "checkpoints", async_save=False)
+    steps = checkpoints.all_steps() if cfg.all_steps else [step if step is not None else checkpoints.latest_step()]
+    eval_step = make_eval_step(graphdef)
+    tracker = Tracker(
+        run_dir / "eval_logs", backend=cfg.logger.backend, project=cfg.logger.project,
+        group=cfg.logger.group or train_cfg.logger.group or train_cfg.experiment, name=f"{train_cfg.run.name}-eval",
+        tags=[plan.model.family, train_cfg.objective.name, train_cfg.size_name], job_type="eval",
+        config={"checkpoint": str(run_dir), "train": OmegaConf.to_container(OmegaConf.structured(train_cfg))},
+        mode=cfg.logger.mode, entity=cfg.logger.entity,
+    )
+    results = []
+    for step_k in steps:
+        restored = _restore(checkpoints, step_k, like, run_dir)
+        totals = Aggregate()
+        for batch in batches:
+            totals.add(jax.device_get(eval_step(restored.params, batch)))
+        metrics = eval_metrics(totals, corpus.bytes_per_token_validation, prefix="eval")
+        result = {"run": str(run_dir), "step": step_k, "family": plan.model.family,
+                  "objective": train_cfg.objective.name, **metrics}
+        if cfg.samples and plan.model.family != "encoder_only":
+            model = nnx.merge(graphdef, restored.params)
+            result["samples"] = sample_continuations(model, corpus.tokenizer, cfg.samples, cfg.max_new_tokens)
+        tracker.log({**metrics, "tokens": step_k * plan.tokens_per_step}, step_k)
+        _print_result(result)
+        _record(run_dir, result)
+        results.append(result)
+    tracker.finish()
+    return results
+
+
+def _restore(checkpoints: Checkpointer, step: int, like: TrainState, run_dir: Path) -> TrainState:
+    try:
+        restored = checkpoints.restore(step, abstract_like(to_checkpoint(like)))
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint step {step} in {run_dir} does not match its saved config ({str(error).splitlines()[0]})"
+        ) from error
+    return from_checkpoint(restored.state, like)
+
+
+def sample_continuations(model, tokenizer, n_prompts: int, max_new_tokens: int) -> list[dict]:
+    """Greedy continuations of fixed prompts through the KV-cache generation path."""
+    from archlab.generate import generate
+
+    prompts = list(SAMPLE_PROMPTS[:n_prompts])
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    if model.cfg.family == "decoder_only":
+        max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - max(len(ids) for ids in prompt_ids))
+    else:  # span corruption taught the model to fill a sentinel: ask it to continue the prompt
+        sentinel = SPECIAL.sentinel_id(0, model.cfg.vocab_size)
+        prompt_ids = [ids + [sentinel] for ids in prompt_ids]
+    result = generate(model, prompt_ids, max_new_tokens=max_new_tokens)
+    return [{"prompt": p, "continuation": tokenizer.decode(ids)} for p, ids in zip(prompts, result.tokens)]
+
+
+def _print_result(result: dict) -> None:
+    metrics = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in result.items() if k.startswith("eval/"))
+    print(f"[{result['family']}/{result['objective']}] {result['run']} step {result['step']}: {metrics}")
+    for sample in result.get("samples", []):
+        print(f"  {sample['prompt']!r} -> {sample['continuation']!r}")
+
+
+def _record(run_dir: Path, result: dict) -> None:
+    """``eval.json`` keeps one entry per evaluated step (re-evaluating a step replaces its entry)."""
+    path = run_dir / EVAL_FILE
+    entries = json.loads(path.read_text()) if path.is_file() else {}
+    entries[str(result["step"])] = result
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=2))
+    tmp.replace(path)

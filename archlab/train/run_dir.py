@@ -1,0 +1,119 @@
+"""The run directory: one writer (a lock a crash cannot leave stuck), config and tokenizer written once."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from archlab.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+LOCK_FILE = ".lock"
+LOG_FILE = "train.log"
+# What must match for a run directory to be resumed rather than refused.
+IDENTITY_KEYS = ("model", "objective", "data", "optimizer", "size_name")
+IDENTITY_RUN_KEYS = ("seed", "batch_size", "tokens", "tokens_per_param", "steps")
+
+
+class RunLock:
+    """``flock`` on ``run_dir/.lock``: the kernel releases it when the holder dies, so no stale locks."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise ConfigError(
+                f"run directory {self.path.parent} is in use by another archlab-train (pid {holder}); "
+                "wait for it or choose another run.name"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def identity(resolved: dict) -> dict:
+    data = {k: v for k, v in resolved.get("data", {}).items() if k != "cache_dir"}
+    run = resolved.get("run", {})
+    return {
+        **{k: resolved.get(k) for k in IDENTITY_KEYS},
+        "data": data,
+        "run": {k: run.get(k) for k in IDENTITY_RUN_KEYS},
+    }
+
+
+def _first_difference(old, new, path: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return ""
+    return "" if old == new else f"{path}: saved {old!r}, now {new!r}"
+
+
+def check_resumable(run_dir: Path, resolved: dict) -> None:
+    """Refuse to continue a run directory whose saved config differs in what defines the run."""
+    saved_path = Path(run_dir) / CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    difference = _first_difference(identity(saved), identity(resolved))
+    if difference:
+        raise ConfigError(
+            f"run directory {run_dir} holds a different run ({difference}); choose another run.name or run.dir"
+        )
+
+
+def write_once(run_dir: Path, resolved: dict, tokenizer) -> None:
+    """Write the resolved config and the tokenizer beside the checkpoints, never overwriting."""
+    run_dir = Path(run_dir)
+    check_resumable(run_dir, resolved)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        tmp = config_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tmp.replace(config_path)
+    tokenizer_path = run_dir / TOKENIZER_FILE
+    if not tokenizer_path.exists():
+        tokenizer.save(tokenizer_path)
+
+
+def saved_tokenizer(run_dir: Path) -> Path | None:
+    """A resumed run keeps the tokenizer it started with."""
+    path = Path(run_dir) / TOKENIZER_FILE
+    return path if path.is_file() else None
+
+
+@contextlib.contextmanager
+def log_to_file(run_dir: Path) -> Iterator[None]:
+    """Append archlab's log records to ``run_dir/train.log`` for the duration of the run."""
+    handler = logging.FileHandler(Path(run_dir) / LOG_FILE)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    logger = logging.getLogger("archlab")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,117 @@
+"""The catalogue of bad inputs: each case is a command line, the message it must print, its exit code.
+
+``{tmp}`` is a fresh directory, ``{corpus}`` holds good, empty and non-UTF-8 text files, and
+``{run}`` is a copy of a small trained run (for resume and evaluation cases).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["size=nano", "data.seq_len=32", "data.vocab_size=512", "run.batch_size=4", "run.steps=2",
+         "run.eval_batches=1", "run.progress=false", "logger=none"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    what: str  # the input, in words, for docs/errors.md
+    args: tuple[str, ...]
+    pattern: str  # regex the one stderr line must contain (tmp paths shown as <tmp>)
+    app: str = "train_main"
+    exit_code: int = 2
+    small: bool = True
+    needs_run: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def message(self) -> re.Pattern:
+        return re.compile(self.pattern)
+
+
+def train(name, what, args, pattern, **kw) -> Case:
+    run_dir = () if any(a.startswith("run.dir=") for a in args) else ("run.dir={tmp}/new_run",)
+    return Case(name, what, tuple(args) + run_dir, pattern, **kw)
+
+
+def evaluation(name, what, args, pattern, **kw) -> Case:
+    return Case(name, what, tuple(args) + ("logger=none",), pattern, app="eval_main", small=False, **kw)
+
+
+CASES = [
+    train("unknown_size", "a size preset that does not exist", ["size=huge"], r"Could not find 'size/huge'; available size options: 1b, "),
+    train("unknown_model", "a model preset that does not exist", ["model=gpt5"], r"Could not find 'model/gpt5'"),
+    train("unknown_key", "a top-level key that is not in the schema", ["foo=1"], r"Could not override 'foo'; Key 'foo' not in 'TrainConfig'"),
+    train("unknown_model_key", "a misspelt model field", ["model.dmodel=64"], r"Key 'dmodel' not in 'ModelConfig'"),
+    train("wrong_type", "a string where an integer belongs", ["run.batch_size=abc"], r"Value 'abc' of type 'str' could not be converted to Integer"),
+    train("mlm_on_decoder", "MLM paired with decoder-only", ["objective=mlm"], r"objective 'mlm' trains encoder_only models, not decoder_only"),
+    train("clm_on_encoder", "causal LM paired with encoder-only", ["model=encoder_only"], r"objective 'clm' trains decoder_only models, not encoder_only"),
+    train("span_on_decoder", "span corruption paired with decoder-only", ["objective=span_corruption"], r"objective 'span_corruption' trains encoder_decoder models, not decoder_only"),
+    train("seq_over_table", "sequence longer than the position table", ["data.seq_len=64", "model.max_seq_len=32"], r"data.seq_len 64 is longer than the position table \(model.max_seq_len=32\)"),
+    train("heads_not_divisible", "d_model not divisible by n_heads", ["model.d_model=30", "model.n_heads=4"], r"d_model 30 is not divisible by n_heads 4"),
+    train("kv_heads_not_divisible", "n_heads not divisible by n_kv_heads", ["model.n_kv_heads=3"], r"n_heads 2 is not divisible by n_kv_heads 3"),
+    train("vocab_too_small_for_sentinels", "T5 span corruption with too small a vocabulary", ["experiment=t5_span_corruption", "data.vocab_size=100"], r"vocab_size 100 is too small for 6 special tokens, 100 sentinels"),
+    train("vocab_too_small_for_bpe", "a BPE vocabulary below bytes + specials + sentinels", ["data.vocab_size=300"], r"vocab_size 300"),
+    train("budget_below_one_batch", "a token budget smaller than one batch", ["run.tokens=10"], r"token budget 10 is smaller than one batch \(4 rows x 32 tokens = 128\)"),
+    train("accum_not_dividing_batch", "batch not divisible into micro-batches", ["optimizer.grad_accum_steps=3"], r"run.batch_size 4 is not divisible by optimizer.grad_accum_steps 3"),
+    train("unknown_schedule", "an unknown learning-rate schedule", ["optimizer.schedule=exp"], r"optimizer.schedule='exp' is not one of cosine, linear, constant"),
+    train("negative_lr", "a negative learning rate", ["optimizer.lr=-1"], r"optimizer.lr must be positive, got -1"),
+    train("unknown_nonfinite_policy", "an unknown non-finite policy", ["run.on_nonfinite=ignore"], r"run.on_nonfinite='ignore' is not one of stop, skip"),
+    train("unknown_logger", "an unknown logger backend", ["logger.backend=tensorboard"], r"logger.backend='tensorboard' is not one of wandb, none"),
+    train("unknown_source", "an unknown data source", ["data.source=s3"], r"unknown data source 's3'; choose one of shakespeare, files, hf"),
+    train("bad_source_option", "an option the source does not take", ["+data.options.colour=red"], r"bad options for data source 'shakespeare'"),
+    train("bad_objective_option", "an objective option out of range", ["experiment=bert_mlm", "objective.options.mask_rate=2"], r"mask_rate"),
+    train("files_without_glob", "data=files without a train glob", ["data=files"], r"Missing mandatory value: train; at data.options.train"),
+    train("missing_corpus", "a glob that matches no file", ["data=files", "data.options.train={tmp}/nothing/*.txt"], r"<tmp>/nothing/\*\.txt"),
+    train("empty_corpus", "files that hold no text", ["data=files", "data.options.train={corpus}/empty/*.txt"], r"(?i)empty|no text|no documents"),
+    train("not_utf8", "a file that is not UTF-8", ["data=files", "data.options.train={corpus}/latin1/*.txt"], r"<tmp>/corpus/latin1/b\.txt.*is not UTF-8: byte 0xe9 at byte offset 30"),
+    train("resume_other_config", "a run directory that holds a different run", ["run.dir={run}", "model.d_model=32"], r"holds a different run \(model.d_model: saved 16, now 32\)", needs_run=True),
+    evaluation("eval_missing_dir", "archlab-eval on a path that does not exist", ["checkpoint={tmp}/nope"], r"no such directory: <tmp>/nope"),
+    evaluation("eval_no_checkpoints", "archlab-eval on a directory without checkpoints", ["checkpoint={corpus}"], r"no checkpoints in <tmp>/corpus"),
+    evaluation("eval_family_mismatch", "archlab-eval on a checkpoint of another family than requested", ["checkpoint={run}", "expect_family=encoder_only"], r"holds a decoder_only model, not the requested encoder_only", needs_run=True),
+    evaluation("eval_no_checkpoint_arg", "archlab-eval without checkpoint=", [], r"(?i)missing mandatory value: checkpoint"),
+    evaluation("eval_unknown_key", "archlab-eval with a key it does not know", ["foo=1"], r"Could not override 'foo'; Key 'foo' not in 'EvalConfig'"),
+]
+
+
+def make_corpus(root: Path) -> None:
+    (root / "good").mkdir(parents=True)
+    for i in range(4):
+        (root / "good" / f"doc{i}.txt").write_text(f"Document {i}. " + "All the world's a stage. " * 40)
+    (root / "empty").mkdir()
+    for i in range(2):
+        (root / "empty" / f"e{i}.txt").write_text("")
+    (root / "latin1").mkdir()
+    (root / "latin1" / "a.txt").write_text("A perfectly good document. " * 20)
+    (root / "latin1" / "b.txt").write_bytes("Twenty-seven bytes precede ".encode() + "caf\xe9".encode("latin-1"))
+
+
+def materialise(case: Case, tmp: Path, cache_dir: Path, prepared_run: Path | None) -> list[str]:
+    """Create the case's files under ``tmp`` and return its command-line arguments."""
+    make_corpus(tmp / "corpus")
+    run = tmp / "run"
+    if case.needs_run:
+        shutil.copytree(prepared_run, run)
+    args = [a.format(tmp=tmp, corpus=tmp / "corpus", run=run) for a in case.args]
+    small = [s for s in SMALL if s.split("=")[0] not in {a.lstrip("+").split("=")[0] for a in args}]
+    cache = [f"data.cache_dir={cache_dir}"] if case.app == "train_main" else []
+    return [*(small if case.small else []), *cache, *args]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a hash of its bytes (directories included, as empty entries)."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        state[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return state
+
+
+def catalogue_rows() -> list[str]:
+    """The start of each case's row in docs/errors.md."""
+    return [f"| `{c.name}` | {c.what} |" for c in CASES]

@@ -1,0 +1,135 @@
+"""The train/eval app: presets, resume, W&B read-back, evaluation of every family, multirun."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from archlab.schema import EvalConfig, LoggerConfig
+from conftest import CONF_DIR, SHRINK
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["train/loss"] for row in read_metrics(run_dir) if "train/loss" in row}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_trains_two_steps(experiment, train_run, tmp_path):
+    summary = train_run(tmp_path / "run", f"experiment={experiment}", "run.steps=2")
+    assert summary["step"] == 2
+    assert math.isfinite(summary["val/loss"])
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "tokenizer.json").is_file()
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted(train_run, tmp_path):
+    common = ("run.steps=6", "run.checkpoint_every=3", "run.eval_every=3")
+    train_run(tmp_path / "whole", *common)
+    stopped = train_run(tmp_path / "split", *common, "run.stop_at_step=3")
+    assert stopped["stopped_at"] == 3
+    train_run(tmp_path / "split", *common)
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    assert train_losses(tmp_path / "whole") == train_losses(tmp_path / "split")  # bitwise on the CPU
+    assert sorted(train_losses(tmp_path / "split")) == [1, 2, 3, 4, 5, 6]
+    assert [r for r in whole if "val/loss" in r] == [r for r in split if "val/loss" in r]
+
+
+def test_resume_refuses_a_different_config(train_run, tmp_path):
+    from archlab.errors import ConfigError
+
+    train_run(tmp_path / "run", "run.steps=2")
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(ConfigError, match="holds a different run"):
+        train_run(tmp_path / "run", "run.steps=2", "model.d_model=32")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_wandb_offline_run_reads_back(train_run, tmp_path):
+    from archlab.train.tracking import offline_run_files, read_offline_history, read_offline_run
+
+    summary = train_run(tmp_path / "run", "logger=wandb", "logger.mode=offline", "run.steps=3")
+    (path,) = offline_run_files(tmp_path / "run")
+    run = read_offline_run(path)
+    assert run["config"]["model"]["family"] == "decoder_only"
+    assert run["config"]["derived"]["params_total"] > 0
+    assert set(run["tags"]) >= {"decoder_only", "clm", "nano"}
+    history = read_offline_history(path)
+    logged = [row for row in history if "train/loss" in row]
+    assert [row["_step"] for row in logged] == [1, 2, 3]
+    assert all({"tokens", "flops", "train/mfu", "train/tokens_per_s"} <= set(row) for row in logged)
+    assert run["summary"]["val/loss"] == pytest.approx(summary["val/loss"])
+
+
+@pytest.fixture(scope="module")
+def trained_families(tmp_path_factory, cache_dir):
+    from conftest import compose_train
+    from archlab.train.loop import train
+
+    runs = {}
+    for experiment in ("quickstart", "bert_mlm", "t5_span_corruption"):
+        run_dir = tmp_path_factory.mktemp(experiment) / "run"
+        config, resolved = compose_train([f"experiment={experiment}", "run.steps=2"], cache_dir)
+        train(config, run_dir, resolved_config=resolved)
+        runs[config.model.family] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("family", ["decoder_only", "encoder_only", "encoder_decoder"])
+def test_evaluation_from_checkpoint(family, trained_families):
+    from archlab.evaluate import evaluate
+
+    run_dir = trained_families[family]
+    quiet = LoggerConfig(backend="none", mode="disabled")
+    (result,) = evaluate(EvalConfig(checkpoint=str(run_dir), batches=1, samples=1, max_new_tokens=4, logger=quiet))
+    assert result["step"] == 2 and result["family"] == family
+    assert math.isfinite(result["eval/loss"]) and 0 <= result["eval/accuracy"] <= 1
+    assert result["eval/perplexity"] == pytest.approx(math.exp(result["eval/loss"]))
+    assert result["eval/bits_per_byte"] > 0
+    assert ("samples" in result) == (family != "encoder_only")
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert saved["2"]["eval/loss"] == result["eval/loss"]
+    # A step directory and a sweep directory work too.
+    (by_step,) = evaluate(EvalConfig(checkpoint=str(run_dir / "checkpoints" / "2"), batches=1, samples=0, logger=quiet))
+    assert by_step["eval/loss"] == result["eval/loss"]
+
+
+def test_evaluating_a_whole_sweep_directory(trained_families, tmp_path):
+    from archlab.evaluate import evaluate
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    for family, run_dir in trained_families.items():
+        shutil.copytree(run_dir, sweep / family)
+    quiet = LoggerConfig(backend="none", mode="disabled")
+    results = evaluate(EvalConfig(checkpoint=str(sweep), batches=1, samples=0, logger=quiet))
+    assert sorted(r["family"] for r in results) == ["decoder_only", "encoder_decoder", "encoder_only"]
+
+
+def cli(app: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, "-c", f"from archlab.cli import {app}; {app}()", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_multirun_trains_three_sizes(tmp_path, cache_dir):
+    shrink = [s for s in SHRINK if not s.startswith(("size=", "logger="))]
+    result = cli("train_main", "-m", "size=nano,micro,tiny", "experiment=multirun_test", *shrink,
+                 f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted(p for p in (tmp_path / "runs" / "multirun_test").iterdir() if p.is_dir())
+    assert [r.name for r in runs] == [f"decoder_only-{s}-clm-s0" for s in ("micro", "nano", "tiny")]
+    for run in runs:
+        assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+        assert (run / "checkpoints" / "2").is_dir()
+        assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
