@@ -1,7 +1,10 @@
 """The Hydra apps ``archlab-train`` and ``archlab-eval`` (thin: compose, validate, delegate).
 
 Any bad input ends with one line on stderr, ``<app>: error: <reason>``, and exit code 2,
-before anything is compiled or written (``HYDRA_FULL_ERROR=1`` shows the traceback).
+before anything is compiled or written (``HYDRA_FULL_ERROR=1`` shows the traceback). So do a
+run directory held by a live run, a run without a usable checkpoint, and non-finite values
+under ``run.on_nonfinite=stop``. SIGTERM or SIGINT makes ``archlab-train`` checkpoint at the
+next step boundary and exit with code 0; the same command resumes the run.
 """
 
 from __future__ import annotations
@@ -136,8 +139,19 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _drop_closed_loop_noise(unraisable) -> None:
+    """orbax reads a checkpoint through tensorstore on a private event loop; when one read fails (a
+    corrupt file), the reads still in flight call back into the closed loop and Python reports each
+    as unraisable: dozens of tracebacks around the one line that matters. Only those are dropped."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _main(app, name: str) -> None:
     _APP_NAME[0] = name
+    sys.unraisablehook = _drop_closed_loop_noise
     register_configs()
     if not OmegaConf.has_resolver("archlab.or"):
         OmegaConf.register_new_resolver("archlab.or", _first_set)

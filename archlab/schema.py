@@ -18,6 +18,7 @@ from archlab.errors import ConfigError
 OBJECTIVES = ("clm", "mlm", "span_corruption", "prefix_lm")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
+NAN_TARGETS = ("loss", "gradients")
 LOGGER_BACKENDS = ("wandb", "none")
 DATA_SOURCES = ("shakespeare", "files", "hf")  # archlab.data.sources.SOURCES (kept light to import)
 WANDB_MODES = ("offline", "online", "disabled")
@@ -51,7 +52,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = _help(1e-3, "peak learning rate")
+    lr: float = _help(3e-3, "peak learning rate")
     b1: float = _help(0.9, "Adam beta1")
     b2: float = _help(0.95, "Adam beta2")
     eps: float = _help(1e-8, "Adam epsilon")
@@ -82,24 +83,36 @@ class RunConfig:
     batch_size: int = _help(16, "rows per update (per micro-batch times grad_accum_steps)")
     tokens: Optional[int] = _help(None, "token budget; sets the number of steps (wins over run.steps)")
     tokens_per_param: Optional[float] = _help(None, "token budget per total parameter (wins over run.tokens)")
-    steps: int = _help(200, "number of updates when no token budget is given")
-    eval_every: int = _help(100, "validation every N steps (and at the end)")
+    flops: Optional[float] = _help(
+        None, "compute budget C in training FLOPs (3 x forward, head and attention included); "
+        "tokens = C / train FLOPs per token of the plan (wins over run.tokens_per_param and run.tokens)"
+    )
+    steps: int = _help(600, "number of updates when no token budget is given")
+    eval_every: int = _help(200, "validation every N steps (and at the end)")
     eval_batches: int = _help(8, "validation batches per evaluation")
     checkpoint_every: int = _help(200, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _help(3, "checkpoints kept (newest)")
     log_every: int = _help(10, "train metrics every N steps")
     stop_at_step: Optional[int] = _help(None, "checkpoint and exit after this step (time-limited jobs); rerun to continue")
     on_nonfinite: str = _help("stop", "non-finite loss or gradients: stop | skip the update")
+    inject_nan_at_step: Optional[int] = _help(
+        None, "debugging: make this step's loss or gradients NaN (tests run.on_nonfinite); null: off"
+    )
+    inject_nan_into: str = _help("loss", "debugging: what run.inject_nan_at_step poisons: loss | gradients")
     progress: bool = _help(True, "show a progress bar")
     samples: int = _help(2, "generated continuations printed at the end (generative families)")
 
     def __post_init__(self) -> None:
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"run.on_nonfinite={self.on_nonfinite!r} is not one of stop, skip")
+        if self.inject_nan_into not in NAN_TARGETS:
+            raise ConfigError(f"run.inject_nan_into={self.inject_nan_into!r} is not one of loss, gradients")
+        if self.inject_nan_at_step is not None and self.inject_nan_at_step < 1:
+            raise ConfigError(f"run.inject_nan_at_step must be at least 1, got {self.inject_nan_at_step}")
         for name in ("batch_size", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("tokens", "tokens_per_param", "steps"):
+        for name in ("tokens", "tokens_per_param", "flops", "steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"run.{name} must be positive, got {value}")

@@ -23,7 +23,8 @@ HEADER = """# Bad inputs and what archlab says
 Every row was produced by `python scripts/error_catalogue.py`, which runs the command
 in a scratch directory and records the one line printed on stderr and the exit code;
 `tests/test_bad_inputs.py` runs the same cases and checks the message, the exit code, and
-that no file in the scratch directory was created, changed or deleted. `{tmp}` is the
+that no file in the scratch directory was created, changed or deleted (a run directory's
+`.lock` excepted: it holds the pid of the last process that took the lock). `{tmp}` is the
 scratch directory, `{corpus}` a folder of good, empty and Latin-1 text files, `{run}` a
 small trained run. Every command is `archlab-train` or `archlab-eval` plus the small-run
 overrides `{small}`.

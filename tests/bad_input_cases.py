@@ -71,6 +71,7 @@ CASES = [
     train("empty_corpus", "files that hold no text", ["data=files", "data.options.train={corpus}/empty/*.txt"], r"(?i)empty|no text|no documents"),
     train("not_utf8", "a file that is not UTF-8", ["data=files", "data.options.train={corpus}/latin1/*.txt"], r"<tmp>/corpus/latin1/b\.txt.*is not UTF-8: byte 0xe9 at byte offset 30"),
     train("resume_other_config", "a run directory that holds a different run", ["run.dir={run}", "model.d_model=32"], r"holds a different run \(model.d_model: saved 16, now 32\)", needs_run=True),
+    train("resume_corrupt_checkpoint", "resuming a run whose only checkpoint has truncated array files", ["run.dir={run}"], r"^archlab-train: error: no usable checkpoint in <tmp>/run/checkpoints \(step 2: .*ValueError: ", needs_run=True, extra={"truncate_arrays": True}),
     evaluation("eval_missing_dir", "archlab-eval on a path that does not exist", ["checkpoint={tmp}/nope"], r"no such directory: <tmp>/nope"),
     evaluation("eval_no_checkpoints", "archlab-eval on a directory without checkpoints", ["checkpoint={corpus}"], r"no checkpoints in <tmp>/corpus"),
     evaluation("eval_family_mismatch", "archlab-eval on a checkpoint of another family than requested", ["checkpoint={run}", "expect_family=encoder_only"], r"holds a decoder_only model, not the requested encoder_only", needs_run=True),
@@ -97,6 +98,9 @@ def materialise(case: Case, tmp: Path, cache_dir: Path, prepared_run: Path | Non
     run = tmp / "run"
     if case.needs_run:
         shutil.copytree(prepared_run, run)
+    if case.extra.get("truncate_arrays"):
+        for array_file in sorted(run.glob("checkpoints/*/state/d/*")):
+            array_file.write_bytes(array_file.read_bytes()[: array_file.stat().st_size // 2])
     args = [a.format(tmp=tmp, corpus=tmp / "corpus", run=run) for a in case.args]
     small = [s for s in SMALL if s.split("=")[0] not in {a.lstrip("+").split("=")[0] for a in args}]
     cache = [f"data.cache_dir={cache_dir}"] if case.app == "train_main" else []
@@ -104,11 +108,18 @@ def materialise(case: Case, tmp: Path, cache_dir: Path, prepared_run: Path | Non
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` with a hash of its bytes (directories included, as empty entries)."""
+    """Every file under ``root`` with a hash of its bytes (directories included, as empty entries).
+
+    A run directory's ``.lock`` only holds the pid of the last process that held the lock, so
+    only its presence counts.
+    """
     state = {}
     for path in sorted(root.rglob("*")):
         key = str(path.relative_to(root))
-        state[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        if path.name == ".lock" and path.is_file():
+            state[key] = "lock"
+        else:
+            state[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
     return state
 
 

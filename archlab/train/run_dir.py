@@ -6,8 +6,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import yaml
 
@@ -17,9 +18,10 @@ CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 LOCK_FILE = ".lock"
 LOG_FILE = "train.log"
+WANDB_ID_FILE = "wandb_run_id"
 # What must match for a run directory to be resumed rather than refused.
 IDENTITY_KEYS = ("model", "objective", "data", "optimizer", "size_name")
-IDENTITY_RUN_KEYS = ("seed", "batch_size", "tokens", "tokens_per_param", "steps")
+IDENTITY_RUN_KEYS = ("seed", "batch_size", "tokens", "tokens_per_param", "flops", "steps")
 
 
 class RunLock:
@@ -96,6 +98,24 @@ def write_once(run_dir: Path, resolved: dict, tokenizer) -> None:
     tokenizer_path = run_dir / TOKENIZER_FILE
     if not tokenizer_path.exists():
         tokenizer.save(tokenizer_path)
+
+
+def wandb_run_id(run_dir: Path, new: Callable[[], str]) -> str:
+    """The run's W&B id: read from ``run_dir/wandb_run_id``, else drawn with ``new()`` and written there.
+
+    Written on the first launch, before W&B starts, so every later launch (even one after a crash
+    before the first checkpoint) continues the same W&B run. A checkpoint's own id wins over it.
+    """
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file():
+        saved = path.read_text().strip()
+        if re.fullmatch(r"[a-z0-9]{1,64}", saved):
+            return saved
+    run_id = new()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+    return run_id
 
 
 def saved_tokenizer(run_dir: Path) -> Path | None:

@@ -85,18 +85,27 @@ def make_plan(cfg: TrainConfig, vocab_size: int) -> Plan:
         raise ConfigError(f"decoder length {decoder_length} is longer than the position table {model.max_seq_len}")
     params = count_params(model)
     tokens_per_step = cfg.run.batch_size * row_length
-    if cfg.run.tokens_per_param is not None:
+    flops = forward_flops(model, cfg.data.seq_len, decoder_length)
+    if cfg.run.flops is not None:
+        # Training FLOPs per raw data token, as train_flops_per_step counts them (for span
+        # corruption a raw row of 568 tokens feeds 512 encoder + 114 decoder positions).
+        budget = int(cfg.run.flops * row_length / flops.train)
+    elif cfg.run.tokens_per_param is not None:
         budget = int(cfg.run.tokens_per_param * params.total)
     elif cfg.run.tokens is not None:
         budget = int(cfg.run.tokens)
     else:
         budget = cfg.run.steps * tokens_per_step
     if budget < tokens_per_step:
+        if cfg.run.flops is not None:
+            raise ConfigError(
+                f"the compute budget run.flops={cfg.run.flops:.3g} buys {budget:,} tokens, less than one batch "
+                f"({cfg.run.batch_size} rows x {row_length} tokens = {tokens_per_step:,})"
+            )
         raise ConfigError(
             f"the token budget {budget:,} is smaller than one batch ({cfg.run.batch_size} rows x {row_length} "
             f"tokens = {tokens_per_step:,})"
         )
-    flops = forward_flops(model, cfg.data.seq_len, decoder_length)
     return Plan(model, row_length, decoder_length, tokens_per_step, math.ceil(budget / tokens_per_step), budget, params, flops)
 
 

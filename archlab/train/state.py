@@ -16,6 +16,7 @@ class TrainState:
     opt_state: optax.OptState
     skipped: jax.Array  # updates skipped for non-finite loss or gradients
     first_nonfinite_step: jax.Array  # first step whose loss/gradients were non-finite; -1 if none
+    nonfinite_kind: jax.Array  # what was non-finite at that step: 0 nothing, 1 the loss, 2 the gradient norm
 
     @classmethod
     def create(cls, params: nnx.State, tx: optax.GradientTransformation) -> "TrainState":
@@ -25,6 +26,7 @@ class TrainState:
             opt_state=tx.init(params),
             skipped=jnp.zeros((), jnp.int32),
             first_nonfinite_step=jnp.full((), -1, jnp.int32),
+            nonfinite_kind=jnp.zeros((), jnp.int32),
         )
 
 
@@ -57,4 +59,7 @@ def from_checkpoint(tree: dict, like: TrainState) -> TrainState:
         opt_state=opt_state,
         skipped=jnp.asarray(tree["skipped"], jnp.int32),
         first_nonfinite_step=jnp.asarray(tree["first_nonfinite_step"], jnp.int32),
+        # Not stored (checkpoints keep their format): under run.on_nonfinite=stop no checkpoint
+        # holds a non-finite step, and under skip the kind is never reported.
+        nonfinite_kind=jnp.zeros((), jnp.int32),
     )

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from archlab.objectives.model_io import loss_and_metrics
+from archlab.schema import NAN_TARGETS
 from archlab.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -24,36 +25,60 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, grad_accum_steps: int, skip_nonfinite: bool
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """One update. With ``grad_accum_steps > 1`` every batch array has a leading micro-batch axis."""
+# ``TrainState.nonfinite_kind``: what was non-finite at ``first_nonfinite_step``.
+NONFINITE_KINDS = {1: "loss", 2: "gradient norm"}
 
-    def loss_fn(params: nnx.State, batch: Batch):
-        return loss_and_metrics(nnx.merge(graphdef, params), batch)
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    grad_accum_steps: int,
+    skip_nonfinite: bool,
+    inject_nan_at_step: int | None = None,
+    inject_nan_into: str = "loss",
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """One update. With ``grad_accum_steps > 1`` every batch array has a leading micro-batch axis.
+
+    ``inject_nan_at_step`` (1-based, as logged) is a debugging knob: that step's loss (and so its
+    gradients) or only its gradients are multiplied by NaN. It is compared with the traced
+    ``state.step`` inside the jitted step (one program for every step); with None nothing is added.
+    """
+    if inject_nan_into not in NAN_TARGETS:
+        raise ValueError(f"inject_nan_into must be one of {NAN_TARGETS}, got {inject_nan_into!r}")
+
+    def loss_fn(params: nnx.State, batch: Batch, loss_scale):
+        loss, sums = loss_and_metrics(nnx.merge(graphdef, params), batch)
+        return (loss if loss_scale is None else loss * loss_scale), sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradients(params: nnx.State, batch: Batch):
+    def gradients(params: nnx.State, batch: Batch, loss_scale):
         if grad_accum_steps == 1:
-            return grad_fn(params, batch)
+            return grad_fn(params, batch, loss_scale)
 
         def accumulate(carry, micro_batch):
-            (loss, sums), grads = grad_fn(params, micro_batch)
+            (loss, sums), grads = grad_fn(params, micro_batch, loss_scale)
             return _tree_add(carry, ((loss, sums), grads)), None
 
         first = jax.tree.map(lambda x: x[0], batch)
         rest = jax.tree.map(lambda x: x[1:], batch)
-        total, _ = jax.lax.scan(accumulate, grad_fn(params, first), rest)
+        total, _ = jax.lax.scan(accumulate, grad_fn(params, first, loss_scale), rest)
         (loss, sums), grads = total
         scale = 1.0 / grad_accum_steps
         return (loss * scale, sums), jax.tree.map(lambda g: g * scale, grads)
 
     @partial(jax.jit, donate_argnums=(0,))
     def train_step(state: TrainState, batch: Batch):
-        (loss, sums), grads = gradients(state.params, batch)
+        poison = None
+        if inject_nan_at_step is not None:
+            poison = jnp.where(state.step + 1 == inject_nan_at_step, jnp.nan, 1.0).astype(jnp.float32)
+        (loss, sums), grads = gradients(state.params, batch, poison if inject_nan_into == "loss" else None)
+        if poison is not None and inject_nan_into == "gradients":
+            grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        loss_finite = jnp.isfinite(loss)
+        finite = loss_finite & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if skip_nonfinite:
@@ -61,15 +86,16 @@ def make_train_step(
             params, opt_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
             )
-        first_bad = jnp.where(
-            (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
-        )
+        is_first = (state.first_nonfinite_step < 0) & ~finite
+        first_bad = jnp.where(is_first, state.step, state.first_nonfinite_step)
+        kind = jnp.where(is_first, jnp.where(loss_finite, 2, 1), state.nonfinite_kind).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
             skipped=state.skipped + (~finite).astype(jnp.int32),
             first_nonfinite_step=first_bad,
+            nonfinite_kind=kind,
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **sums}
         return new_state, metrics
