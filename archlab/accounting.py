@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from archlab.config import ModelConfig
+from archlab.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _scores_flops(cfg: ModelConfig, context: int) -> int:
 def forward_flops(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None) -> FlopCounts:
     """Forward FLOPs for one sequence of ``seq_len`` tokens (encoder input for encoder_decoder,
     with ``decoder_len`` decoder tokens; the head runs on decoder tokens only)."""
-    head_per_token = 2 * cfg.d_model * cfg.vocab_size + (2 * cfg.d_model * cfg.d_model if cfg.mlm_transform else 0)
+    head_per_token = _head_flops_per_token(cfg)
     if cfg.family != "encoder_decoder":
         dense = seq_len * cfg.n_layers * _layer_dense_flops(cfg)
         attention = seq_len * cfg.n_layers * _scores_flops(cfg, seq_len)
@@ -154,10 +155,86 @@ def forward_flops(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None
     return FlopCounts(encoder_dense + decoder_dense, attention, dec_len * head_per_token, seq_len + dec_len)
 
 
-def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, bytes_per_element: float = 2) -> int:
-    """``2 * layers * kv_heads * head_dim * context * batch * bytes`` (decoder layers for T5)."""
+def _head_flops_per_token(cfg: ModelConfig) -> int:
+    return 2 * cfg.d_model * cfg.vocab_size + (2 * cfg.d_model * cfg.d_model if cfg.mlm_transform else 0)
+
+
+def _cross_kv_flops(cfg: ModelConfig, input_len: int) -> int:
+    """One decoder layer's cross-attention key and value projections of ``input_len`` encoder states."""
+    return input_len * 2 * 2 * cfg.d_model * cfg.kv_heads * cfg.dim_per_head
+
+
+def prefill_flops(cfg: ModelConfig, length: int, cache_len: int | None = None, *, cross_kv_cached: bool = False) -> int:
+    """Forward FLOPs that turn a ``length``-token input into the state decoding starts from.
+
+    decoder_only: the prompt through every layer into a KV cache of ``cache_len`` slots
+    (default ``length``; masked einsums score every slot) plus the head on the last position,
+    which gives the first new token (as ``archlab.generate`` does). encoder_decoder: the encoder
+    over the input; with ``cross_kv_cached`` also every decoder layer's cross-attention keys and
+    values (archlab recomputes those at every decode step instead, see ``decode_flops_per_token``).
+    encoder_only: the encoder's hidden states (no head).
+    """
+    cache_len = length if cache_len is None else cache_len
+    encoder = length * cfg.n_layers * (_layer_dense_flops(cfg) + _scores_flops(cfg, length))
+    if cfg.family == "encoder_only":
+        return encoder
+    if cfg.family == "encoder_decoder":
+        return encoder + (cfg.decoder_layers * _cross_kv_flops(cfg, length) if cross_kv_cached else 0)
+    layers = length * cfg.n_layers * (_layer_dense_flops(cfg) + _scores_flops(cfg, cache_len))
+    return layers + _head_flops_per_token(cfg)
+
+
+def decode_flops_per_token(
+    cfg: ModelConfig, context: int, input_len: int | None = None, *, cross_kv_cached: bool = False
+) -> int:
+    """Forward FLOPs of one decode step: one new token against a KV cache of ``context`` slots.
+
+    ``context`` is the fixed cache length the step attends (masked slots cost the same). For
+    encoder_decoder, ``input_len`` is the encoder length: each decoder layer adds cross-attention
+    q/o projections and scores over ``input_len`` keys, and, unless ``cross_kv_cached``, the
+    cross-attention key/value projections of all ``input_len`` encoder states, which archlab's
+    decoder recomputes at every step (it keeps the encoder output, not a cross K/V cache).
+    """
+    if cfg.family == "encoder_only":
+        raise ConfigError("encoder_only models have no decoder, so no decode step")
+    if cfg.family == "decoder_only":
+        layer = _layer_dense_flops(cfg) + _scores_flops(cfg, context)
+        return cfg.n_layers * layer + _head_flops_per_token(cfg)
+    if input_len is None:
+        raise ConfigError("decode_flops_per_token of an encoder_decoder model needs input_len (the encoder length)")
+    q_width = cfg.n_heads * cfg.dim_per_head
+    cross = 2 * 2 * cfg.d_model * q_width + _scores_flops(cfg, input_len)
+    cross += 0 if cross_kv_cached else _cross_kv_flops(cfg, input_len)
+    layer = _layer_dense_flops(cfg) + _scores_flops(cfg, context) + cross
+    return cfg.decoder_layers * layer + _head_flops_per_token(cfg)
+
+
+# Storage bytes per cached element, and the int8 cache's float32 scale per token and head
+# (``archlab.nn.attention.KVCache``; tests check both against allocated arrays).
+KV_ELEMENT_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "int8": 1}
+KV_SCALE_BYTES = 4
+
+
+def kv_cache_bytes(
+    cfg: ModelConfig, context: int, batch: int = 1, bytes_per_element: float | None = None, *, dtype: str | None = None
+) -> int:
+    """``2 * layers * kv_heads * head_dim * context * batch * bytes`` (decoder layers for T5).
+
+    Give either ``dtype`` (``float32``, ``bfloat16``, ``int8``, ``auto`` = compute dtype;
+    default: ``cfg.kv_cache_dtype``, i.e. exactly what ``init_caches`` allocates) or a bare
+    ``bytes_per_element``. An int8 cache adds its scales, ``2 * layers * kv_heads * context *
+    batch * 4`` bytes (one float32 per token and head for keys and for values): ``4 / head_dim``
+    of the int8 data, 6.25% at head_dim 64.
+    """
     layers = cfg.decoder_layers if cfg.family == "encoder_decoder" else cfg.n_layers
-    return int(2 * layers * cfg.kv_heads * cfg.dim_per_head * context * batch * bytes_per_element)
+    slots = 2 * layers * cfg.kv_heads * context * batch
+    if bytes_per_element is not None:
+        if dtype is not None:
+            raise ConfigError("give kv_cache_bytes either dtype or bytes_per_element, not both")
+        return int(slots * cfg.dim_per_head * bytes_per_element)
+    name = cfg.replace(kv_cache_dtype=dtype).cache_dtype if dtype is not None else cfg.cache_dtype  # validated
+    scales = slots * KV_SCALE_BYTES if name == "int8" else 0
+    return slots * cfg.dim_per_head * KV_ELEMENT_BYTES[name] + scales
 
 
 # Dense peak FLOP/s per device (bf16 unless noted); the CPU's rate is measured, not assumed.

@@ -21,6 +21,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "geglu", "swiglu", "reglu")
 GATED_ACTIVATIONS = ("geglu", "swiglu", "reglu")
 ATTENTION_KERNELS = ("xla", "dot_product_attention", "cudnn")
 DTYPES = ("float32", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32", "int8")
 POOLINGS = ("cls", "mean", "last")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -61,6 +62,11 @@ class ModelConfig:
     pooling: str = _help("cls", "sequence pooling for classification heads: cls | mean | last")
     attention_kernel: str = _help("xla", "xla (einsum reference) | dot_product_attention | cudnn")
     dtype: str = _help("float32", "compute dtype; parameters stay float32")
+    kv_cache_dtype: str = _help(
+        "auto",
+        "KV-cache storage: auto (= dtype) | bfloat16 | float32 | int8 (symmetric, one float32 scale per "
+        "token and head, dequantized on read)",
+    )
     scan_layers: bool = _help(True, "stack layers with scan (flat compile time) instead of unrolling")
     remat: str = _help("none", "rematerialisation policy: none | full | dots | dots_no_batch")
     init_std: float = _help(0.02, "std of the normal initialiser")
@@ -80,6 +86,11 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
+
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache's storage dtype with ``auto`` resolved to the compute dtype."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @property
     def is_gated(self) -> bool:
@@ -103,6 +114,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
     _one_of("activation", cfg.activation, ACTIVATIONS)
     _one_of("attention_kernel", cfg.attention_kernel, ATTENTION_KERNELS)
     _one_of("dtype", cfg.dtype, DTYPES)
+    _one_of("kv_cache_dtype", cfg.kv_cache_dtype, KV_CACHE_DTYPES)
     _one_of("pooling", cfg.pooling, POOLINGS)
     _one_of("remat", cfg.remat, REMAT_POLICIES)
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):

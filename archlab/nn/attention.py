@@ -27,34 +27,118 @@ Array = jax.Array
 log = logging.getLogger(__name__)
 
 
+INT8_MAX = 127
+KV_SCALE_DTYPE = jnp.float32
+
+
+def quantize_int8(x_BSKH: Array) -> tuple[Array, Array]:
+    """Symmetric int8 with one scale per token and head: ``x ~= q * scale``.
+
+    ``scale = max|x| / 127`` over ``head_dim``, so every element's error is at most
+    ``scale / 2`` (round to nearest). Returns ``(q_BSKH int8, scale_BSK1 float32)``.
+    """
+    x_BSKH = x_BSKH.astype(jnp.float32)
+    scale_BSK1 = jnp.max(jnp.abs(x_BSKH), axis=-1, keepdims=True) / INT8_MAX
+    safe_BSK1 = jnp.where(scale_BSK1 > 0, scale_BSK1, 1.0)  # an all-zero row quantizes to zeros
+    q_BSKH = jnp.clip(jnp.round(x_BSKH / safe_BSK1), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return q_BSKH, scale_BSK1.astype(KV_SCALE_DTYPE)
+
+
+def dequantize_int8(q_BSKH: Array, scale_BSK1: Array, dtype) -> Array:
+    return (q_BSKH.astype(jnp.float32) * scale_BSK1.astype(jnp.float32)).astype(dtype)
+
+
 class KVCache(NamedTuple):
-    """Fixed-shape key/value cache of one attention layer: ``[B, S_max, K, H]`` each."""
+    """Fixed-shape key/value cache of one attention layer: ``[B, S_max, K, H]`` each.
+
+    The storage dtype is ``model.kv_cache_dtype`` (``auto`` = the compute dtype). An int8
+    cache also holds one float32 scale per token and head for keys and for values
+    (``[B, S_max, K, 1]``; None for float caches): entries are quantized when written and
+    dequantized to the compute dtype when read, so attention itself never sees int8.
+
+    Keys use per-token scales like values, not per-channel ones (KIVI): the cache is written
+    one token at a time and never revisited, so a token's scale is final when it is written,
+    while a per-channel scale spans tokens and would need calibration or a float window of
+    not-yet-quantized tokens that a fixed-shape, write-once cache does not have.
+    """
 
     k_BSKH: Array
     v_BSKH: Array
+    k_scale_BSK1: Array | None = None
+    v_scale_BSK1: Array | None = None
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
         shape = (batch, max_len, cfg.kv_heads, cfg.dim_per_head)
-        dtype = compute_dtype(cfg)
+        if cfg.cache_dtype == "int8":
+            scale_shape = (batch, max_len, cfg.kv_heads, 1)
+            return cls(
+                jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
+                jnp.zeros(scale_shape, KV_SCALE_DTYPE), jnp.zeros(scale_shape, KV_SCALE_DTYPE),
+            )
+        dtype = jnp.dtype(cfg.cache_dtype)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale_BSK1 is not None
+
+    def write(self, k_BSKH: Array, v_BSKH: Array, index: Array | int) -> "KVCache":
+        """The cache with ``k``/``v`` (``[B, T, K, H]``) stored at slots ``index .. index + T - 1``."""
+        start = (0, index, 0, 0)
+
+        def put(buffer: Array, new: Array) -> Array:
+            return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+
+        if not self.quantized:
+            return KVCache(put(self.k_BSKH, k_BSKH), put(self.v_BSKH, v_BSKH))
+        (k_q, k_scale), (v_q, v_scale) = quantize_int8(k_BSKH), quantize_int8(v_BSKH)
+        return KVCache(
+            put(self.k_BSKH, k_q), put(self.v_BSKH, v_q),
+            put(self.k_scale_BSK1, k_scale), put(self.v_scale_BSK1, v_scale),
+        )
+
+    def read(self, dtype) -> tuple[Array, Array]:
+        """Every slot's keys and values in ``dtype`` (dequantized for an int8 cache)."""
+        if not self.quantized:
+            return self.k_BSKH.astype(dtype), self.v_BSKH.astype(dtype)
+        return (
+            dequantize_int8(self.k_BSKH, self.k_scale_BSK1, dtype),
+            dequantize_int8(self.v_BSKH, self.v_scale_BSK1, dtype),
+        )
 
 
 def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float) -> Array:
-    """Reference kernel: plain einsums, scores and normalisation in float32."""
+    """Reference kernel: plain einsums, scores and normalisation in float32.
+
+    Two choices make it ~11% faster per layer on the CPU (fwd+bwd, experiments/throughput/):
+    q, k and v are put heads-major once (``[B,K,G,T,H]``, ``[B,K,S,H]``), so each product is a
+    plain batched matmul, and the softmax is normalised *after* the value product,
+    ``(exp(s - max) @ v) / sum(exp(s - max))``, which divides ``[.., T, H]`` instead of the
+    ``[.., T, S]`` weights in both directions. The max is a constant shift (stop_gradient):
+    the result and its gradient do not depend on it.
+    """
     batch, q_len, n_heads, head_dim = q_BTNH.shape
     kv_heads = k_BSKH.shape[2]
     group = n_heads // kv_heads
-    q_BTKGH = q_BTNH.reshape(batch, q_len, kv_heads, group, head_dim)
-    scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    q_BKGTH = jnp.transpose(q_BTNH.reshape(batch, q_len, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
+    k_BKSH = jnp.transpose(k_BSKH, (0, 2, 1, 3))
+    v_BKSH = jnp.transpose(v_BSKH, (0, 2, 1, 3))
+    scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
     scores_BKGTS = scores_BKGTS * scale
     if bias_BNQK is not None:
         bias_BKGTS = bias_BNQK.reshape(bias_BNQK.shape[0], kv_heads, group, *bias_BNQK.shape[2:])
         scores_BKGTS = scores_BKGTS + bias_BKGTS.astype(jnp.float32)
     # A fully masked row (a padding query) gets uniform weights instead of NaN.
     scores_BKGTS = jnp.where(mask_BQK[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-    weights_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", weights_BKGTS, v_BSKH)
+    max_BKGT1 = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
+    unnormalized_BKGTS = jnp.exp(scores_BKGTS - max_BKGT1)
+    total_BKGT1 = jnp.sum(unnormalized_BKGTS, axis=-1, keepdims=True)
+    out_BKGTH = jnp.einsum(
+        "bkgts,bksh->bkgth", unnormalized_BKGTS.astype(v_BSKH.dtype), v_BKSH, preferred_element_type=jnp.float32
+    )
+    out_BKGTH = out_BKGTH / total_BKGT1
+    out_BTKGH = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).astype(v_BSKH.dtype)
     return out_BTKGH.reshape(batch, q_len, n_heads, head_dim)
 
 
@@ -123,12 +207,8 @@ class Attention(nnx.Module):
             q_BTNH = rope(q_BTNH, q_positions_BT, self.rope_theta)
             k_BSKH = rope(k_BSKH, q_positions_BT if kv_positions_BS is None else kv_positions_BS, self.rope_theta)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            cache = KVCache(
-                jax.lax.dynamic_update_slice(cache.k_BSKH, k_BSKH.astype(cache.k_BSKH.dtype), start),
-                jax.lax.dynamic_update_slice(cache.v_BSKH, v_BSKH.astype(cache.v_BSKH.dtype), start),
-            )
-            k_BSKH, v_BSKH = cache.k_BSKH.astype(q_BTNH.dtype), cache.v_BSKH.astype(q_BTNH.dtype)
+            cache = cache.write(k_BSKH, v_BSKH, cache_index)
+            k_BSKH, v_BSKH = cache.read(q_BTNH.dtype)
         check_mask(mask_BQK, batch, q_len, k_BSKH.shape[1])
         out_BTNH = attend(
             q_BTNH, k_BSKH, v_BSKH, mask_BQK=mask_BQK, bias_BNQK=bias_BNQK, scale=self.scale, kernel=self.kernel
