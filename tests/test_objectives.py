@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -367,6 +368,43 @@ def test_cross_entropy_stable_and_float32():
     assert loss_sum.dtype == jnp.float32
     np.testing.assert_allclose(loss_sum, 8192.0, rtol=1e-6)
     assert float(weight_sum) == 1.0
+
+
+
+def test_fused_cross_entropy_equals_the_reference_functions_with_gradient():
+    from archlab.objectives.losses import cross_entropy_and_accuracy
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 6, 11)).astype(np.float32) * 2
+    logits[0, 0, [2, 7]] = logits[0, 0].max() + 1.0  # a tie for the top: arg-max is the first index
+    targets = rng.integers(0, 11, size=(3, 6))
+    targets[0, 0] = 7
+    weights = (rng.random((3, 6)) < 0.7).astype(np.float32) * rng.uniform(0.5, 2.0, size=(3, 6)).astype(np.float32)
+    logits, targets, weights = jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights)
+
+    loss_sum, correct_sum, weight_sum = cross_entropy_and_accuracy(logits, targets, weights)
+    ref_loss, ref_weight = weighted_cross_entropy(logits, targets, weights)
+    ref_correct, _ = weighted_accuracy(logits, targets, weights)
+    np.testing.assert_allclose(loss_sum, ref_loss, rtol=1e-6)
+    assert float(correct_sum) == float(ref_correct) and float(weight_sum) == float(ref_weight)
+
+    fused_grad = jax.grad(lambda x: cross_entropy_and_accuracy(x, targets, weights)[0])(logits)
+    ref_grad = jax.grad(lambda x: weighted_cross_entropy(x, targets, weights)[0])(logits)
+    np.testing.assert_allclose(fused_grad, ref_grad, atol=1e-6)
+
+
+def test_fused_cross_entropy_is_stable_and_ignores_weight_zero_rows():
+    from archlab.objectives.losses import cross_entropy_and_accuracy
+
+    logits = jnp.asarray([[[8192.0, 0.0, -8192.0], [jnp.inf, 0.0, 0.0]]], dtype=jnp.bfloat16)
+    targets, weights = jnp.asarray([[1, 0]]), jnp.asarray([[1.0, 0.0]])
+    loss_sum, correct_sum, weight_sum = cross_entropy_and_accuracy(logits, targets, weights)
+    assert loss_sum.dtype == jnp.float32
+    np.testing.assert_allclose(loss_sum, 8192.0, rtol=1e-6)
+    assert float(correct_sum) == 0.0 and float(weight_sum) == 1.0
+    grad = jax.grad(lambda x: cross_entropy_and_accuracy(x, targets, weights)[0])(logits)
+    assert grad.dtype == jnp.bfloat16 and bool(jnp.isfinite(grad.astype(jnp.float32)).all())
+    assert float(jnp.abs(grad[0, 1].astype(jnp.float32)).max()) == 0.0
 
 
 # --------------------------------------------------------------------------- registry

@@ -34,3 +34,54 @@ def weighted_accuracy(
     weights_BT = weights_BT.astype(jnp.float32)
     correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     return jnp.sum(jnp.where(correct_BT, weights_BT, 0.0)), jnp.sum(weights_BT)
+
+
+def cross_entropy_and_accuracy(
+    logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(loss sum, correct sum, weight sum): ``weighted_cross_entropy`` and ``weighted_accuracy`` fused.
+
+    The same values (tests/test_objectives.py checks them and the gradient against the two
+    reference functions above), from one row maximum shared by the log-normaliser and the
+    arg-max (the first index attaining the maximum, as ``jnp.argmax``), and with a hand-written
+    gradient, ``(softmax - one_hot(target)) * weight``, computed in one elementwise pass instead
+    of autodiff's softmax pass plus a scatter-add of the target term. On the CPU this made
+    the training step ~9% faster than the two reference functions (experiments/throughput/).
+    """
+    vocab = logits_BTV.shape[-1]
+    weights_M = weights_BT.reshape(-1).astype(jnp.float32)
+    loss_sum, correct_sum = _fused_cross_entropy(
+        logits_BTV.reshape(-1, vocab).astype(jnp.float32), targets_BT.reshape(-1).astype(jnp.int32), weights_M
+    )
+    return loss_sum, correct_sum, jnp.sum(weights_M)
+
+
+def _cross_entropy_forward(logits_MV, targets_M, weights_M):
+    max_M = jnp.max(logits_MV, axis=-1)
+    shift_M = jnp.where(jnp.isfinite(max_M), max_M, 0.0)  # as jax.nn.logsumexp: an inf row stays inf, not NaN
+    log_normalizer_M = shift_M + jnp.log(jnp.sum(jnp.exp(logits_MV - shift_M[:, None]), axis=-1))
+    target_logit_M = jnp.take_along_axis(logits_MV, targets_M[:, None], axis=-1)[:, 0]
+    index_MV = jax.lax.broadcasted_iota(jnp.int32, logits_MV.shape, 1)
+    argmax_M = jnp.min(jnp.where(logits_MV == max_M[:, None], index_MV, logits_MV.shape[-1]), axis=-1)
+    live_M = weights_M != 0  # weight-0 positions contribute exactly 0, even with non-finite logits
+    loss_sum = jnp.sum(jnp.where(live_M, (log_normalizer_M - target_logit_M) * weights_M, 0.0))
+    correct_sum = jnp.sum(jnp.where(live_M & (argmax_M == targets_M), weights_M, 0.0))
+    return (loss_sum, correct_sum), (logits_MV, log_normalizer_M, targets_M, weights_M)
+
+
+def _cross_entropy_backward(residuals, cotangents):
+    logits_MV, log_normalizer_M, targets_M, weights_M = residuals
+    live_M = weights_M != 0
+    scale_M = jnp.where(live_M, cotangents[0] * weights_M, 0.0)  # the accuracy has no gradient
+    index_MV = jax.lax.broadcasted_iota(jnp.int32, logits_MV.shape, 1)
+    softmax_MV = jnp.exp(logits_MV - log_normalizer_M[:, None])
+    d_logits_MV = (softmax_MV - (index_MV == targets_M[:, None])) * scale_M[:, None]
+    return jnp.where(live_M[:, None], d_logits_MV, 0.0), None, None
+
+
+@jax.custom_vjp
+def _fused_cross_entropy(logits_MV, targets_M, weights_M):
+    return _cross_entropy_forward(logits_MV, targets_M, weights_M)[0]
+
+
+_fused_cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from archlab.objectives.losses import weighted_accuracy, weighted_cross_entropy
+from archlab.objectives.losses import cross_entropy_and_accuracy
 
 Array = jax.Array
 
@@ -38,7 +38,6 @@ def logits_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, A
 def loss_and_metrics(model: Any, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
     """Mean token cross-entropy over weighted targets, and the sums that aggregate across batches."""
     logits_BTV, targets_BT, weights_BT = logits_and_targets(model, batch)
-    loss_sum, weight_sum = weighted_cross_entropy(logits_BTV, targets_BT, weights_BT)
-    correct_sum, _ = weighted_accuracy(logits_BTV, targets_BT, weights_BT)
+    loss_sum, correct_sum, weight_sum = cross_entropy_and_accuracy(logits_BTV, targets_BT, weights_BT)
     loss = loss_sum / jnp.maximum(weight_sum, 1.0)
     return loss, {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}

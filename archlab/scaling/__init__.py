@@ -1,7 +1,10 @@
 """Scaling-law fits: Kaplan power laws, Chinchilla approaches 2 and 3, bootstrap intervals, plots.
 
 Methods follow Kaplan et al. 2020, Hoffmann et al. 2022 (Chinchilla) and the
-Besiroglu et al. 2024 replication.
+Besiroglu et al. 2024 replication. Two modules that need JAX are imported on their own:
+``archlab.scaling.records`` (one record per finished run directory, the rows of a study's CSV)
+and ``archlab.scaling.continuation`` (continuation bits per byte, the generative metric shared
+by decoder-only and encoder-decoder models).
 """
 
 from archlab.scaling.bootstrap import bootstrap

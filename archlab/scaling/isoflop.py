@@ -90,8 +90,11 @@ def _profile(label: object, c: float, n: np.ndarray, loss: np.ndarray, fpt: floa
         raise ConfigError(f"budget {label!r} has {np.unique(x).size} distinct model sizes; a parabola needs >= 3.")
     c2, c1, c0 = (float(v) for v in np.polyfit(x, loss, 2))
     curvature_ok = c2 > 0
+    # A nearly flat parabola can put its vertex absurdly far away (10**x_opt under- or
+    # overflowing): no usable minimum either.
+    x_opt = -c1 / (2 * c2) if curvature_ok else float("nan")
+    curvature_ok = curvature_ok and 0.0 < 10.0**x_opt < float("inf") if curvature_ok else False
     if curvature_ok:
-        x_opt = -c1 / (2 * c2)
         n_opt, l_opt = float(10**x_opt), float(np.polyval([c2, c1, c0], x_opt))
         in_range = bool(x.min() <= x_opt <= x.max())
     else:
