@@ -65,7 +65,9 @@ def identity(resolved: dict) -> dict:
 
 def _first_difference(old, new, path: str = "") -> str:
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
+        # Keys on one side only come from a schema change between versions (a field added
+        # with its default, or removed): they cannot differ in what the run trained.
+        for key in sorted(set(old) & set(new)):
             found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
             if found:
                 return found
