@@ -179,3 +179,36 @@ def test_wrong_mask_shape_is_refused():
     x, _ = inputs()
     with pytest.raises(ConfigError, match="attention mask has shape"):
         attn(x, mask_BQK=jnp.ones((B, T + 1, T), bool))
+
+
+BF16_TOLERANCE = 2**-6  # of the output scale: a few bfloat16 ulps (eps 2**-8) after several roundings
+
+
+@pytest.mark.parametrize("case", [*SELF_MASKS, "cross", "relative_bias"])
+@pytest.mark.parametrize("kv_heads", [6, 2, 1])
+def test_kernels_agree_in_bfloat16(case, kv_heads):
+    """The library kernel (cuDNN's path on a GPU) and the XLA einsums, both in bfloat16 compute,
+    agree with each other and with the float64 reference, for every mask the families build."""
+    x_q, x_kv = inputs(7)
+    rel = RelativePositionBias(
+        make_attention("xla")[1].replace(position="relative"), bidirectional=False, rngs=nnx.Rngs(params=0)
+    )
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    bias = rel(positions, positions) if case == "relative_bias" else None
+    if case == "cross":
+        mask = masks.cross_mask(jnp.ones((B, T), jnp.int32), jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    else:
+        mask = SELF_MASKS["causal_segment" if case == "relative_bias" else case]
+    kv_input = x_kv if case == "cross" else None
+    outputs = {}
+    for kernel in KERNELS:
+        attn, cfg = make_attention(kernel, n_kv_heads=kv_heads, dtype="bfloat16")
+        out = attn(x_q, kv_input, mask_BQK=mask, bias_BNQK=bias)
+        assert out.dtype == jnp.bfloat16
+        outputs[kernel] = np.asarray(out.astype(jnp.float32))
+    expected = reference(attn, cfg, x_q, kv_input, mask, bias=bias)
+    valid = np.asarray(mask).any(-1)  # rows with no visible key are undefined
+    tolerance = BF16_TOLERANCE * np.abs(expected[valid]).max()
+    for kernel, out in outputs.items():
+        np.testing.assert_allclose(out[valid], expected[valid], atol=tolerance, err_msg=kernel)
+    np.testing.assert_allclose(outputs["xla"][valid], outputs["dot_product_attention"][valid], atol=tolerance)

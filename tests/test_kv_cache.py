@@ -148,7 +148,8 @@ def test_int8_cached_logits_are_close_to_float_cached_logits(family):
     row's absmax, one bfloat16 step 1/256 of each value)."""
     fp32, int8, bf16 = (teacher_forced(d, family) for d in ("float32", "int8", "bfloat16"))
     int8_error, bf16_error = np.abs(int8 - fp32).max(), np.abs(bf16 - fp32).max()
-    print(f"{family}: max|int8-fp32| {int8_error:.4f}, max|bf16-fp32| {bf16_error:.4f}, max|logit| {np.abs(fp32).max():.3f}")
+    print(f"{family}: max|int8-fp32| {int8_error:.4f}, max|bf16-fp32| {bf16_error:.4f}, "
+          f"max|logit| {np.abs(fp32).max():.3f}")
     assert 0 < int8_error <= 0.02 * np.abs(fp32).max()
     log_probs = [np.asarray(jax.nn.log_softmax(x, axis=-1)) for x in (fp32, int8)]
     assert np.abs(log_probs[0] - log_probs[1]).max() <= 0.05

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from archlab.accounting import (  # noqa: E402
-    count_params, decode_flops_per_token, forward_flops, kv_cache_bytes, prefill_flops,
+    KV_ELEMENT_BYTES, count_params, decode_flops_per_token, forward_flops, kv_cache_bytes, prefill_flops,
 )
 from archlab.config import ModelConfig, preset  # noqa: E402
 from archlab.nn.models import build_model  # noqa: E402
@@ -89,8 +89,8 @@ def part_bytes() -> list[dict]:
                 else:
                     shapes = jax.eval_shape(lambda: model.init_caches(1, context))
                     measured, how = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)), "eval_shape"
-                data = 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * context * {"float32": 4, "bfloat16": 2,
-                                                                                       "int8": 1}[cache_dtype]
+                # The brief's formula 2 * layers * kv_heads * head_dim * context * batch * bytes (batch 1).
+                data = 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * context * KV_ELEMENT_BYTES[cache_dtype]
                 assert measured == formula, (attention, cache_dtype, context, measured, formula)
                 rows.append(dict(config=f"{attention} {cache_dtype}", attention=attention, kv_heads=kv_heads,
                                  dtype=cache_dtype, context=context, bytes=measured, formula_bytes=formula,
@@ -204,10 +204,10 @@ def part_loss(run_dir: Path, steps: int, n_rows: int, prefill: int) -> dict:
         return float(total / count)
 
     reference = model(tokens_BT)
+    shape = {k: getattr(model.cfg, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size")}
     result = {"rows": int(len(single)), "tokens_scored": int(weights_BT.sum()), "prefill": prefill,
-              "row_length": int(tokens_BT.shape[1]), "model": {k: getattr(model.cfg, k) for k in
-                                                               ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size")},
-              "head_dim": model.cfg.dim_per_head, "train_steps": steps, "uncached_loss": loss(reference)}
+              "row_length": int(tokens_BT.shape[1]), "model": shape, "head_dim": model.cfg.dim_per_head,
+              "train_steps": steps, "uncached_loss": loss(reference)}
     result["max_abs_logit"] = float(jnp.abs(reference).max())
     logits = {d: cached_logits(model, d, tokens_BT, prefill) for d in ("float32", "bfloat16", "int8")}
     for cache_dtype, logits_BTV in logits.items():
@@ -315,6 +315,8 @@ def plot_long_input(rows: list[dict], path: Path) -> None:
             scale = 2**20 if key == "held_bytes" else 1
             ax.plot([r["input_len"] for r in sel], [r[key] / scale for r in sel], marker=marker, label=name)
         ax.set(xscale="log", yscale="log", xlabel="input tokens (output 64)", title=label)
+        ax.set_xticks(INPUT_LENGTHS, [str(n) for n in INPUT_LENGTHS], minor=False)
+        ax.set_xticks([], minor=True)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend()
     fig.suptitle("8-layer decoder vs 8+8 and 4+4 encoder-decoders, d_model 256, CPU (2 shared cores), batch 1")
@@ -326,43 +328,64 @@ def plot_long_input(rows: list[dict], path: Path) -> None:
 # ---- part 4: cached vs uncached decoding at a 1K context -----------------------------------
 
 
-def part_speed(context: int, steps: int) -> dict:
+def part_speed(context: int, rounds: int, steps_per_round: int = 4) -> dict:
+    """Per-token decoding time at ``context`` tokens: uncached (the whole prefix through the
+    model for every new token) against one cached step (float32 and int8 caches). The three
+    are measured in interleaved rounds, so a burst of load from other jobs hits all of them."""
     cfg = long_input_models()["decoder 8"]
     graphdef, state = nnx.split(build_model(cfg))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(6, 2048, (1, context + steps)), jnp.int32)
+    n_cached = rounds * steps_per_round
+    tokens = jnp.asarray(np.random.default_rng(0).integers(6, 2048, (1, context + n_cached + 1)), jnp.int32)
 
     @jax.jit
     def uncached(state, tokens_1T):
-        """What decoding without a cache does per token: the whole prefix through every layer."""
         net = nnx.merge(graphdef, state)
         return net.lm_head(net.hidden(tokens_1T)[:, -1:], net.embed.tokens)
 
-    uncached_times = wall_seconds(lambda: jax.block_until_ready(uncached(state, tokens[:, :context])), 8)
     result = {"context": context, "model": "decoder_only d_model 256, 8 layers, 4 heads, vocab 2048",
-              "uncached_ms_per_token": 1e3 * min(uncached_times),
-              "uncached_ms_per_token_median": 1e3 * statistics.median(uncached_times)}
+              "rounds": rounds}
+    steps, caches = {}, {}
     for cache_dtype in ("float32", "int8"):
         graphdef_c, _ = nnx.split(abstract(cfg.replace(kv_cache_dtype=cache_dtype)))
 
-        def step_fn(state, caches, token_11, index):
+        def step_fn(state, caches, token_11, index, graphdef_c=graphdef_c):
             net = nnx.merge(graphdef_c, state)
             return net(token_11, positions_BT=jnp.full((1, 1), index), caches=caches, cache_index=index)
 
-        step = jax.jit(step_fn, donate_argnums=(1,))
-        caches = nnx.merge(graphdef_c, state).init_caches(1, context + steps + 1)
-        result[f"cached_{cache_dtype}_cache_bytes"] = sum(x.nbytes for x in jax.tree.leaves(caches))
-        compiled = step.lower(state, caches, tokens[:, :1], context).compile()
+        steps[cache_dtype] = jax.jit(step_fn, donate_argnums=(1,))
+        caches[cache_dtype] = nnx.merge(graphdef_c, state).init_caches(1, context + n_cached + 1)
+        result[f"cached_{cache_dtype}_cache_bytes"] = sum(x.nbytes for x in jax.tree.leaves(caches[cache_dtype]))
+        compiled = steps[cache_dtype].lower(state, caches[cache_dtype], tokens[:, :1], context).compile()
+        # XLA's estimate for one step; the layer scan's body is counted once.
         result[f"cached_{cache_dtype}_xla_bytes_accessed_per_step"] = compiled.cost_analysis()["bytes accessed"]
-        logits, caches = step(state, caches, tokens[:, :1], context)  # compile
+    times: dict[str, list[float]] = {"uncached": [], "float32": [], "int8": []}
+    run_uncached = lambda: jax.block_until_ready(uncached(state, tokens[:, :context]))  # noqa: E731
+    run_uncached()  # compile
+    for cache_dtype, step in steps.items():  # compile
+        logits, caches[cache_dtype] = step(state, caches[cache_dtype], tokens[:, :1], context)
         jax.block_until_ready(logits)
-        times, caches = timed_steps(
-            lambda c, t, i: step(state, c, t, i), caches,
-            lambda i: (tokens[:, context + i:context + i + 1], context + i), steps,
+    for r in range(rounds):
+        begin = time.perf_counter()
+        run_uncached()
+        times["uncached"].append(time.perf_counter() - begin)
+        start = context + 1 + r * steps_per_round
+        for cache_dtype, step in steps.items():
+            round_times, caches[cache_dtype] = timed_steps(
+                lambda c, t, i, step=step: step(state, c, t, i), caches[cache_dtype],
+                lambda i: (tokens[:, start + i:start + i + 1], start + i), steps_per_round,
+            )
+            times[cache_dtype] += round_times
+    result["uncached_ms_per_token"] = 1e3 * min(times["uncached"])
+    result["uncached_ms_per_token_median"] = 1e3 * statistics.median(times["uncached"])
+    for cache_dtype in steps:
+        result[f"cached_{cache_dtype}_ms_per_token"] = 1e3 * min(times[cache_dtype])
+        result[f"cached_{cache_dtype}_ms_per_token_median"] = 1e3 * statistics.median(times[cache_dtype])
+        result[f"speedup_{cache_dtype}"] = (
+            result["uncached_ms_per_token"] / result[f"cached_{cache_dtype}_ms_per_token"]
         )
-        result[f"cached_{cache_dtype}_ms_per_token"] = 1e3 * min(times)
-        result[f"cached_{cache_dtype}_ms_per_token_median"] = 1e3 * statistics.median(times)
-    result["speedup_float32"] = result["uncached_ms_per_token"] / result["cached_float32_ms_per_token"]
-    result["speedup_int8"] = result["uncached_ms_per_token"] / result["cached_int8_ms_per_token"]
+        result[f"speedup_{cache_dtype}_median"] = (
+            result["uncached_ms_per_token_median"] / result[f"cached_{cache_dtype}_ms_per_token_median"]
+        )
     print(f"speed: {json.dumps(result)}", flush=True)
     return result
 
@@ -379,7 +402,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="bytes,loss,long_input,speed")
+    parser.add_argument("--parts", default="bytes,loss,long_input,speed",
+                        help="comma-separated; 'plots' only redraws the PNGs from results.json")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--run-dir", type=Path, help="default: runs/kv_cache_study/small_gpt_<steps> (gitignored)")
     parser.add_argument("--train-steps", type=int, default=300)
@@ -391,8 +415,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results["device"] = f"{jax.devices()[0].device_kind} ({os.cpu_count()} cores), jax {jax.__version__}"
-    results["load_average_at_start"] = os.getloadavg()[0]
+    if parts - {"plots"}:  # a measuring run records where and under what load it ran
+        results["device"] = f"{jax.devices()[0].device_kind} ({os.cpu_count()} cores), jax {jax.__version__}"
+        results["load_average_at_start"] = os.getloadavg()[0]
     if "bytes" in parts:
         results["bytes"] = part_bytes()
         write_csv(results["bytes"], args.out / "bytes.csv")
@@ -404,8 +429,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["long_input"] = part_long_input(args.repeats)
         write_csv(results["long_input"], args.out / "long_input.csv")
         plot_long_input(results["long_input"], args.out / "long_input.png")
+    if "plots" in parts:
+        plot_bytes(results["bytes"], args.out / "bytes_vs_context.png")
+        plot_long_input(results["long_input"], args.out / "long_input.png")
     if "speed" in parts:
-        results["speed"] = part_speed(1024, 32)
+        results["speed"] = part_speed(1024, rounds=8)
     results_path.write_text(json.dumps(results, indent=1))
     print(f"wrote {results_path}")
     return results
