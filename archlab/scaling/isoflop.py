@@ -93,9 +93,11 @@ def _profile(label: object, c: float, n: np.ndarray, loss: np.ndarray, fpt: floa
     # A nearly flat parabola can put its vertex absurdly far away (10**x_opt under- or
     # overflowing): no usable minimum either.
     x_opt = -c1 / (2 * c2) if curvature_ok else float("nan")
-    curvature_ok = curvature_ok and 0.0 < 10.0**x_opt < float("inf") if curvature_ok else False
+    with np.errstate(over="ignore", under="ignore"):
+        n_vertex = float(np.power(10.0, x_opt))
+    curvature_ok = curvature_ok and 0.0 < n_vertex < np.inf
     if curvature_ok:
-        n_opt, l_opt = float(10**x_opt), float(np.polyval([c2, c1, c0], x_opt))
+        n_opt, l_opt = n_vertex, float(np.polyval([c2, c1, c0], x_opt))
         in_range = bool(x.min() <= x_opt <= x.max())
     else:
         n_opt, l_opt, in_range = float("nan"), float("nan"), False

@@ -11,11 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import yaml
 
-from archlab.errors import ConfigError
+from archlab.errors import CheckpointError, ConfigError
 
 FIELDS = (
     "experiment", "run", "family", "objective", "size", "seed", "budget_flops",
@@ -80,7 +81,11 @@ def read_run(run_dir: str | Path, *, continuation: bool = True) -> dict | None:
     if continuation:
         from archlab.scaling.continuation import run_continuation_bpb
 
-        score = run_continuation_bpb(run_dir)
+        try:
+            score = run_continuation_bpb(run_dir)
+        except CheckpointError as error:  # e.g. a checkpoint format older or newer than this code
+            warnings.warn(f"{run_dir}: no continuation score ({error})", stacklevel=2)
+            score = None
         if score is not None:
             record["continuation_bpb"] = score.bits_per_byte
     return record

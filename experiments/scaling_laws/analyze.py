@@ -100,34 +100,55 @@ def decoder_analysis(recs: list[dict], resamples: int, plots: Path) -> dict:
         boot_c = bootstrap(lambda C, loss, budgets: fit_frontier(C, loss, budgets),
                            {"C": C, "loss": loss, "budgets": budgets}, n_resamples=resamples, seed=0,
                            group_key="budgets", min_distinct=1)
-        iso = fit_isoflop_profiles(N, C, loss, budgets=budgets)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            boot_iso = bootstrap(lambda N, C, loss, budgets: fit_isoflop_profiles(N, C, loss, budgets=budgets),
-                                 {"N": N, "C": C, "loss": loss, "budgets": budgets}, n_resamples=resamples,
-                                 seed=0, group_key="budgets")
-        out[conv] = {
-            "L_of_N": power_law_summary(fit_n, boot_n),
-            "L_of_C": power_law_summary(fit_c, boot_c),
-            "isoflop": {"a": ci(boot_iso, "a"), "b": ci(boot_iso, "b"), "flagged_budgets": iso.flagged,
-                        "profiles": [{"budget": p.budget, "C": p.C, "N_opt": p.N_opt, "L_opt": p.L_opt,
-                                      "vertex_in_range": p.vertex_in_range} for p in iso.profiles]},
-        }
-        plot_isoflop_profiles(N, C, loss, plots / f"isoflop_decoder_{conv}.png", result=iso, budgets=budgets)
-        usable = [p for p in iso.profiles if p.curvature_ok]
-        plot_n_opt_vs_compute([p.C for p in usable], [p.N_opt for p in usable], plots / f"n_opt_vs_compute_{conv}.png",
-                              a=iso.a, k=iso.k)
+        out[conv] = {"L_of_N": power_law_summary(fit_n, boot_n), "L_of_C": power_law_summary(fit_c, boot_c),
+                     "isoflop": isoflop_summary(N, C, loss, budgets, resamples, plots / f"isoflop_decoder_{conv}.png",
+                                                plots / f"n_opt_vs_compute_{conv}.png")}
         if conv == "total":
             plot_loss_vs_flops(C, loss, N, plots / "loss_vs_flops_decoder.png", fit=fit_c)
     # Predictability: Chinchilla approach 3 on every budget but the largest, at the largest budget's optimum.
     N, C = arrays(runs, "params_total", "C_total")
     fpt_per_param = float(np.median([r["flops_per_token"] / r["params_total"] for r in runs]))
+    # predictability raises ConfigError when fewer than 5 runs lie below the largest budget.
     pred = predictability(N, C, loss, D=tokens, method="chinchilla", budgets=budgets,
                           flops_per_token=fpt_per_param, init_grid=SMALL_GRID)
     out["predictability"] = {"method": "chinchilla approach 3 (total convention)", "predicted": pred.predicted,
                              "actual": pred.actual, "relative_error": pred.relative_error,
                              "held_out_budget": max(budgets), "n_train_runs": pred.n_train}
     out["seed_spread"] = seed_spread(recs)
+    return out
+
+
+def isoflop_summary(N, C, loss, budgets, resamples: int, iso_png: Path, n_opt_png: Path) -> dict:
+    """Chinchilla approach 2 with a bootstrap CI on ``a``; 'measurable' is False when fewer than two
+    budgets have a loss minimum inside the sampled sizes (``a`` is then an extrapolation, or absent)."""
+    try:
+        iso = fit_isoflop_profiles(N, C, loss, budgets=budgets)
+    except ConfigError as error:
+        iso, reason = None, str(error)
+    profiles = [] if iso is None else [
+        {"budget": p.budget, "C": p.C, "N_opt": p.N_opt, "L_opt": p.L_opt, "curvature_ok": p.curvature_ok,
+         "vertex_in_range": p.vertex_in_range, "N_range": list(p.N_range)} for p in iso.profiles]
+    in_range = sum(p["vertex_in_range"] for p in profiles)
+    out = {"measurable": in_range >= 2, "budgets_with_minimum_in_range": in_range, "profiles": profiles,
+           "a": {"value": math.nan, "ci95": [math.nan, math.nan]}, "b": {"value": math.nan, "ci95": [math.nan, math.nan]}}
+    if iso is None:
+        out["reason"] = reason
+        return out
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            boot = bootstrap(lambda N, C, loss, budgets: fit_isoflop_profiles(N, C, loss, budgets=budgets),
+                             {"N": N, "C": C, "loss": loss, "budgets": budgets}, n_resamples=resamples,
+                             seed=0, group_key="budgets")
+        out["a"], out["b"] = ci(boot, "a"), ci(boot, "b")
+        # Two vertices inside the range are not enough if resampling moves a outside (0, 1).
+        lo, hi = out["a"]["ci95"]
+        out["measurable"] = out["measurable"] and 0.0 < lo and hi < 1.0
+    except ConfigError as error:
+        out["a"]["value"], out["b"]["value"], out["reason"] = iso.a, iso.b, str(error)
+    plot_isoflop_profiles(N, C, loss, iso_png, result=iso, budgets=budgets)
+    usable = [p for p in iso.profiles if p.curvature_ok]
+    plot_n_opt_vs_compute([p.C for p in usable], [p.N_opt for p in usable], n_opt_png, a=iso.a, k=iso.k)
     return out
 
 
@@ -211,11 +232,15 @@ def report(results: dict) -> str:
             off = f"{lc['E']:.3f} + " if lc["with_offset"] else ""
             lines.append(f"  [{conv}] L(C) = {off}{lc['A']:.3g}/C^alpha_C, alpha_C = {fmt_ci(lc['exponent'])}, "
                          f"R2 {lc['r2']:.3f}, rmse(log L) {lc['rmse_log']:.4f}, {lc['n_points']} budgets")
+            verdict = "measured" if iso["measurable"] else (
+                f"NOT measured ({iso['budgets_with_minimum_in_range']} budget(s) with a minimum inside the sampled "
+                "sizes; measured needs >= 2 and a 95% CI inside (0, 1))")
             lines.append(f"  [{conv}] IsoFLOP N_opt ~ C^a: a = {fmt_ci(iso['a'])}; D_opt ~ C^b: b = {fmt_ci(iso['b'])}; "
-                         f"flagged budgets {iso['flagged_budgets'] or 'none'}")
+                         f"{verdict}{'; ' + iso['reason'] if 'reason' in iso else ''}")
             for p in iso["profiles"]:
-                lines.append(f"      C={p['C']:.3g}: N_opt={p['N_opt']:.3g} L_opt={p['L_opt']:.4f}"
-                             f"{'' if p['vertex_in_range'] else ' (vertex outside the sampled sizes)'}")
+                where = "inside" if p["vertex_in_range"] else ("outside" if p["curvature_ok"] else "no minimum:")
+                lines.append(f"      C={p['C']:.3g}: N_opt={p['N_opt']:.3g} L_opt={p['L_opt']:.4f} ({where} "
+                             f"the sampled sizes {p['N_range'][0]:.3g}-{p['N_range'][1]:.3g})")
         p = dec["predictability"]
         lines.append(f"  predictability ({p['method']}, {p['n_train_runs']} runs below {p['held_out_budget']:.0e}): "
                      f"predicted {p['predicted']:.4f}, observed best {p['actual']:.4f}, "
