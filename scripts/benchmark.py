@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PEER_SHAPE = ["model=decoder_only", "objective=clm", "size=medium", "data.seq_len=256", "run.batch_size=8",
               "data.vocab_size=8192", "model.activation=gelu_tanh", "model.dtype=float32"]
+# The layer modes archlab offers, timed beside the default (scanned layers) under --peer.
+PEER_VARIANTS = ["model.scan_layers=false", "model.remat=dots"]
 QUIET = ["logger=none", "run.progress=false", "run.samples=0"]
 
 
@@ -139,64 +141,76 @@ class Setup:
         return {"lower_s": lower_s, "compile_s": compile_s, "xla_temp_mb": temp_mb}, run_one_step
 
 
-def time_interleaved(runners: dict, *, warmup: int, rounds: int, steps: int) -> dict[str, list[float]]:
-    """Per-step seconds of each runner; runners alternate round by round so load hits all alike."""
+def process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_interleaved(runners: dict, *, warmup: int, rounds: int, steps: int) -> dict[str, dict[str, list[float]]]:
+    """Per-step wall and process-CPU seconds of each runner, alternating round by round.
+
+    CPU seconds are a second, load-robust view: on a shared machine wall time also counts the
+    time other processes held the cores.
+    """
     for run in runners.values():
         for _ in range(warmup):
             run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    times = {name: {"wall": [], "cpu": []} for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
             for _ in range(steps):
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), process_cpu_s()
                 loss = run()
-                times[name].append(time.perf_counter() - start)
+                times[name]["wall"].append(time.perf_counter() - wall)
+                times[name]["cpu"].append(process_cpu_s() - cpu)
             if loss != loss:  # NaN: a broken benchmark, not a fast one
                 raise RuntimeError(f"{name} produced a NaN loss")
     return times
 
 
-def train_record(name: str, step_times: list[float], setup: Setup, peak: float, extra: dict) -> dict:
-    median = statistics.median(step_times)
-    flops_per_s = setup.plan.train_flops_per_step / median
+def train_record(name: str, times: dict[str, list[float]], setup: "Setup", peak: float, extra: dict) -> dict:
+    wall, median = times["wall"], statistics.median(times["wall"])
     return {
-        "measure": "train", "impl": name, **setup.describe(), "tokens_per_s": setup.plan.tokens_per_step / median,
-        "step_ms": 1e3 * median, "step_ms_min": 1e3 * min(step_times), "step_ms_max": 1e3 * max(step_times),
-        "timed_steps": len(step_times), "mfu": flops_per_s / peak, "peak_flops": peak, **extra,
+        "measure": "train", "impl": name, **extra.pop("describe"), "tokens_per_s": setup.plan.tokens_per_step / median,
+        "step_ms": 1e3 * median, "step_ms_min": 1e3 * min(wall), "step_ms_max": 1e3 * max(wall),
+        "cpu_ms": 1e3 * statistics.median(times["cpu"]), "timed_steps": len(wall),
+        "mfu": setup.plan.train_flops_per_step / median / peak, "peak_flops": peak,
+        "loadavg_1m": os.getloadavg()[0], **extra,
     }
 
 
 def bench_train(setup: Setup, args, sink: list, peers: bool) -> None:
+    """archlab as configured, each ``--variant``, and with ``--peer`` the peers, interleaved."""
     from archlab.accounting import device_peak_flops
 
     peak = device_peak_flops()
-    compile_info, archlab_step = setup.compile()
-    runners = {"archlab": archlab_step}
-    compile_seconds = {"archlab": compile_info}
-    memory = {"archlab": {}}
+    info, runners = {}, {}
+    compile_info, runners["archlab"] = setup.compile()
+    runners["archlab"]()  # one step, so the memory high-water mark below is archlab's alone
+    info["archlab"] = {"describe": setup.describe(), **compile_info, **peak_memory_mb()}
+    for variant in args.variant:
+        extra = variant.split()
+        variant_setup = Setup([*setup.overrides, *extra])
+        compile_info, runners[f"archlab {' '.join(extra)}"] = variant_setup.compile()
+        info[f"archlab {' '.join(extra)}"] = {"describe": variant_setup.describe(), **compile_info}
     if peers:
         import benchmark_peers
 
-        # archlab's own peak before any peer model exists in the process.
-        time_interleaved({"archlab": archlab_step}, warmup=1, rounds=1, steps=1)
-        memory["archlab"] = peak_memory_mb()
         tokens = setup.host_batch["inputs"]
+        peer_shape = {**setup.describe(), "scan_layers": None, "remat": None, "attention_kernel": None}
         for name, build in (("hf_torch", benchmark_peers.torch_step), ("hf_flax", benchmark_peers.flax_step)):
             if name.removeprefix("hf_") in args.peers:
                 runners[name], seconds = build(setup.plan.model, setup.cfg.optimizer, setup.schedule, tokens)
-                compile_seconds[name] = {"compile_s": seconds}
-                memory[name] = {}
+                info[name] = {"describe": peer_shape, "compile_s": seconds}
     times = time_interleaved(runners, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
-    if not peers:
-        memory["archlab"] = peak_memory_mb()
-    records = {}
-    for name, step_times in times.items():
-        records[name] = train_record(name, step_times, setup, peak, {**compile_seconds[name], **memory[name]})
-        emit(records[name], sink)
-    for name in records:
-        if name != "archlab":
-            emit({"measure": "ratio", "impl": f"archlab/{name}",
-                  "tokens_per_s_ratio": records["archlab"]["tokens_per_s"] / records[name]["tokens_per_s"]}, sink)
+    records = {name: train_record(name, times[name], setup, peak, info[name]) for name in runners}
+    for record in records.values():
+        emit(record, sink)
+    for ours in (name for name in records if name.startswith("archlab")):
+        for peer in (name for name in records if not name.startswith("archlab")):
+            emit({"measure": "ratio", "impl": f"{ours} / {peer}",
+                  "tokens_per_s_ratio": records[ours]["tokens_per_s"] / records[peer]["tokens_per_s"],
+                  "cpu_ms_ratio": records[peer]["cpu_ms"] / records[ours]["cpu_ms"]}, sink)
 
 
 def bench_decode(setup: Setup, args, sink: list) -> None:
@@ -207,8 +221,9 @@ def bench_decode(setup: Setup, args, sink: list) -> None:
     model, family = setup.model, setup.plan.model.family
     if family == "encoder_only":
         return
-    batch, prompt_len = setup.cfg.run.batch_size, args.prompt_len
-    new = min(args.new_tokens, setup.plan.model.max_seq_len - (prompt_len if family == "decoder_only" else 0))
+    batch, max_len = setup.cfg.run.batch_size, setup.plan.model.max_seq_len
+    prompt_len = min(args.prompt_len, max_len // 2)
+    new = min(args.new_tokens, max_len - (prompt_len if family == "decoder_only" else 0))
     key = "inputs" if family == "decoder_only" else "encoder_inputs"
     prompts = np.asarray(setup.host_batch[key])[:batch, :prompt_len]
     start = time.perf_counter()
@@ -241,17 +256,25 @@ def bench_pipeline(setup: Setup, args, sink: list, train_tokens_per_s: float | N
     emit(record, sink)
 
 
+DEPTH_MODES = {
+    "scan": ["model.scan_layers=true"],
+    "unrolled": ["model.scan_layers=false"],
+    "scan-remat": ["model.scan_layers=true", "model.remat=dots"],
+}
+
+
 def bench_depth_compile(args, sink: list) -> None:
+    """AOT compile seconds of the train step at 2 and 24 layers, per layer mode."""
     base = args.overrides or PEER_SHAPE
-    results = {}
-    for scan in args.depth_modes:
+    for mode in args.depth_modes:
+        seconds = {}
         for layers in (2, 24):
-            setup = Setup([*base, f"model.n_layers={layers}", f"model.scan_layers={scan == 'scan'}"])
+            setup = Setup([*base, f"model.n_layers={layers}", *DEPTH_MODES[mode]])
             info, _ = setup.compile()
-            results[(scan, layers)] = info
+            seconds[layers] = info["compile_s"]
             emit({"measure": "compile_depth", "impl": "archlab", **setup.describe(), **info}, sink)
-        ratio = results[(scan, 24)]["compile_s"] / results[(scan, 2)]["compile_s"]
-        emit({"measure": "ratio", "impl": f"compile 24/2 layers ({scan})", "compile_s_ratio": ratio}, sink)
+        emit({"measure": "ratio", "impl": f"compile 24/2 layers ({mode})", "compile_s_ratio": seconds[24] / seconds[2]},
+             sink)
 
 
 def machine() -> dict:
@@ -266,7 +289,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"measure": "machine", "cpu": cpu, "cores": os.cpu_count(), "device": str(jax.devices()[0].device_kind),
-            "platform": jax.devices()[0].platform, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "platform": jax.devices()[0].platform, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "loadavg_1m": os.getloadavg()[0]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -275,8 +299,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml")
     parser.add_argument("--peer", action="store_true", help="also Hugging Face GPT-2 (torch, flax), interleaved")
     parser.add_argument("--peers", default="torch,flax", help="which peers --peer runs (comma-separated)")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="also time archlab with these extra overrides (space-separated; repeatable)")
     parser.add_argument("--depth-compile", action="store_true", help="compile time of 2 vs 24 layers")
-    parser.add_argument("--depth-modes", default="scan", help="scan, unrolled or scan,unrolled for --depth-compile")
+    parser.add_argument("--depth-modes", default="scan,scan-remat",
+                        help="comma-separated layer modes for --depth-compile: " + ", ".join(DEPTH_MODES))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --steps timed steps")
     parser.add_argument("--steps", type=int, default=4)
@@ -290,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown-from", type=Path, help="only print the tables of these saved JSON lines")
     args = parser.parse_args(argv)
     args.peers = set(args.peers.split(","))
+    if args.variant is None:
+        args.variant = PEER_VARIANTS if args.peer and not args.overrides else []
     args.depth_modes = args.depth_modes.split(",")
     if args.markdown_from:
         import benchmark_tables

@@ -376,9 +376,8 @@ def test_fused_cross_entropy_equals_the_reference_functions_with_gradient():
 
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(3, 6, 11)).astype(np.float32) * 2
-    logits[0, 0, [2, 7]] = logits[0, 0].max() + 1.0  # a tie for the top: arg-max is the first index
     targets = rng.integers(0, 11, size=(3, 6))
-    targets[0, 0] = 7
+    targets[0, :3] = logits[0, :3].argmax(-1)  # some correct predictions
     weights = (rng.random((3, 6)) < 0.7).astype(np.float32) * rng.uniform(0.5, 2.0, size=(3, 6)).astype(np.float32)
     logits, targets, weights = jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights)
 
@@ -388,9 +387,19 @@ def test_fused_cross_entropy_equals_the_reference_functions_with_gradient():
     np.testing.assert_allclose(loss_sum, ref_loss, rtol=1e-6)
     assert float(correct_sum) == float(ref_correct) and float(weight_sum) == float(ref_weight)
 
+    assert float(correct_sum) > 0
     fused_grad = jax.grad(lambda x: cross_entropy_and_accuracy(x, targets, weights)[0])(logits)
     ref_grad = jax.grad(lambda x: weighted_cross_entropy(x, targets, weights)[0])(logits)
     np.testing.assert_allclose(fused_grad, ref_grad, atol=1e-6)
+
+
+def test_fused_accuracy_counts_every_target_tied_for_the_top_logit():
+    from archlab.objectives.losses import cross_entropy_and_accuracy
+
+    logits = jnp.asarray([[[3.0, 5.0, 5.0, 1.0], [3.0, 5.0, 5.0, 1.0], [3.0, 5.0, 5.0, 1.0]]])
+    targets, weights = jnp.asarray([[1, 2, 0]]), jnp.ones((1, 3))
+    assert float(cross_entropy_and_accuracy(logits, targets, weights)[1]) == 2.0
+    assert float(weighted_accuracy(logits, targets, weights)[0]) == 1.0  # argmax: the first index only
 
 
 def test_fused_cross_entropy_is_stable_and_ignores_weight_zero_rows():
