@@ -89,16 +89,20 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
     checkpoints = Checkpointer(run_dir / "checkpoints", async_save=False)
     steps = checkpoints.all_steps() if cfg.all_steps else [step if step is not None else checkpoints.latest_step()]
     eval_step = make_eval_step(graphdef)
-    tracker = Tracker(
-        run_dir / "eval_logs", backend=cfg.logger.backend, project=cfg.logger.project,
-        group=cfg.logger.group or train_cfg.logger.group or train_cfg.experiment, name=f"{train_cfg.run.name}-eval",
-        tags=[plan.model.family, train_cfg.objective.name, train_cfg.size_name], job_type="eval",
-        config={"checkpoint": str(run_dir), "train": OmegaConf.to_container(OmegaConf.structured(train_cfg))},
-        mode=cfg.logger.mode, entity=cfg.logger.entity,
-    )
-    results = []
+    def open_tracker() -> Tracker:
+        return Tracker(
+            run_dir / "eval_logs", backend=cfg.logger.backend, project=cfg.logger.project,
+            group=cfg.logger.group or train_cfg.logger.group or train_cfg.experiment, name=f"{train_cfg.run.name}-eval",
+            tags=[plan.model.family, train_cfg.objective.name, train_cfg.size_name], job_type="eval",
+            config={"checkpoint": str(run_dir), "train": OmegaConf.to_container(OmegaConf.structured(train_cfg))},
+            mode=cfg.logger.mode, entity=cfg.logger.entity,
+        )
+
+    results, tracker = [], None
     for step_k in steps:
         restored = _restore(checkpoints, step_k, like, run_dir)
+        # Opened only once a checkpoint restored: a refused checkpoint leaves the run directory as it was.
+        tracker = tracker or open_tracker()
         totals = Aggregate()
         for batch in batches:
             totals.add(jax.device_get(eval_step(restored.params, batch)))
@@ -112,7 +116,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
         _print_result(result)
         _record(run_dir, result)
         results.append(result)
-    tracker.finish()
+    if tracker is not None:
+        tracker.finish()
     return results
 
 

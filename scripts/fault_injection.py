@@ -405,7 +405,7 @@ def run_study(settings: Settings, seed: int, work: Path, cache: Path) -> int:
             problems.append(f"W&B ids: first launch {first_id}, final checkpoint {final_id}, directories {sorted(ids)}")
     divergences = max(leaves_bad, 0) + max(rows_bad, 0) + max(duplicates, 0)
     launches = len(trials) + 1
-    abandoned = len(list((faulty / "checkpoints").glob(f"*{TMP_MARK}*")))
+    abandoned = len([*(faulty / "checkpoints").glob(f"*{TMP_MARK}*"), *(faulty / "checkpoints").glob("abandoned-*")])
     kept = committed_steps(faulty)
     print(f"summary: kills={kills} (during a checkpoint write: {write_kills}), launches={launches}, "
           f"divergences={divergences} (state leaves {max(leaves_bad, 0)}/{leaves}, metric rows {max(rows_bad, 0)}/{rows}, "

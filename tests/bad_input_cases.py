@@ -75,6 +75,7 @@ CASES = [
     evaluation("eval_missing_dir", "archlab-eval on a path that does not exist", ["checkpoint={tmp}/nope"], r"no such directory: <tmp>/nope"),
     evaluation("eval_no_checkpoints", "archlab-eval on a directory without checkpoints", ["checkpoint={corpus}"], r"no checkpoints in <tmp>/corpus"),
     evaluation("eval_family_mismatch", "archlab-eval on a checkpoint of another family than requested", ["checkpoint={run}", "expect_family=encoder_only"], r"holds a decoder_only model, not the requested encoder_only", needs_run=True),
+    evaluation("eval_corrupt_checkpoint", "archlab-eval on a run whose only checkpoint has truncated array files", ["checkpoint={run}"], r"^archlab-eval: error: .*checkpoint.* <tmp>/run/checkpoints", needs_run=True, extra={"truncate_arrays": True}),
     evaluation("eval_no_checkpoint_arg", "archlab-eval without checkpoint=", [], r"(?i)missing mandatory value: checkpoint"),
     evaluation("eval_unknown_key", "archlab-eval with a key it does not know", ["foo=1"], r"Could not override 'foo'; Key 'foo' not in 'EvalConfig'"),
 ]

@@ -236,7 +236,7 @@ def test_resave_of_unfinished_step_keeps_the_old_temporary_dir(tmp_path):
         assert ckpt.restore(None, ABSTRACT).step == 1
         _save(ckpt, 2)
         assert ckpt.restore(None, ABSTRACT).step == 2
-    (kept,) = tmp_path.glob("2.orbax-checkpoint-tmp.abandoned-*")
+    (kept,) = tmp_path.glob("abandoned-2-*")
     assert _snapshot(kept) == unfinished
 
 
@@ -276,3 +276,14 @@ def test_non_json_data_is_refused(tmp_path):
         with pytest.raises(CheckpointError, match="refusing to checkpoint step 1: meta is not JSON-serialisable"):
             ckpt.save(1, _state(1), data=_data(1), meta={"tokens": np.int64(3)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_with_a_retired_counter_still_restores(tmp_path):
+    """A checkpoint written when the state still stored ``nonfinite_kind`` restores without it."""
+    old_format = {**_state(4), "nonfinite_kind": jnp.asarray(2, jnp.int32)}
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        assert ckpt.save(4, old_format, data=_data(4), meta=_meta(4))
+    with Checkpointer(tmp_path) as ckpt:
+        restored = ckpt.restore(None, ABSTRACT)
+    assert "nonfinite_kind" not in restored.state
+    _assert_bitwise_equal(restored.state, _state(4))

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -145,6 +146,22 @@ def _structure_mismatch(saved: PyTree, wanted: PyTree) -> str | None:
     return None
 
 
+# Top-level state entries earlier versions stored and this one no longer reads (train/state.py).
+RETIRED_STATE_KEYS = ("nonfinite_kind",)
+
+
+def _retired_keys(saved: PyTree, wanted: PyTree) -> list[str]:
+    """Retired entries the stored state holds and the requested one lacks."""
+    saved = getattr(saved, "tree", saved)  # orbax's tree metadata wraps a dict
+    if not (isinstance(saved, Mapping) and isinstance(wanted, Mapping)):
+        return []
+    return [k for k in RETIRED_STATE_KEYS if k in saved and k not in wanted]
+
+
+def _abstract_leaf(leaf) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+
+
 def _and_more(keys: list[str]) -> str:
     return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
@@ -257,7 +274,9 @@ class Checkpointer:
         stale = _unfinished_dirs(self.directory).get(step)
         if stale is None or jax.process_index() != 0:
             return
-        target = stale.with_name(f"{stale.name}.abandoned-{time.time_ns()}")
+        # A name that does not start with the step number: orbax would take "<step>.<anything>"
+        # for that step and could delete it in max_to_keep rotation instead of the real old step.
+        target = stale.with_name(f"abandoned-{step}-{time.time_ns()}")
         stale.rename(target)
         log.warning("an unfinished save of step %d was left in %s; moved it to %s", step, stale, target.name)
 
@@ -329,6 +348,9 @@ class Checkpointer:
         except Exception as e:  # whatever orbax raises on unreadable metadata
             self._unusable.add(step)
             raise _Unusable(f"state metadata unreadable ({_describe(e)})") from None
+        retired = _retired_keys(saved, abstract_state)
+        if retired:  # restore them as stored, then drop them: older checkpoints stay readable
+            abstract_state = {**abstract_state, **{k: _abstract_leaf(saved.tree[k]) for k in retired}}
         if (mismatch := _structure_mismatch(saved, abstract_state)) is not None:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match the expected state: {mismatch}."
@@ -345,7 +367,8 @@ class Checkpointer:
         except Exception as e:  # structure was checked above, so a failure here is the files
             self._unusable.add(step)
             raise _Unusable(_describe(e)) from None
-        return Restored(step=step, state=out.state, data=out.data, meta=out.meta)
+        state = {k: v for k, v in out.state.items() if k not in retired} if retired else out.state
+        return Restored(step=step, state=state, data=out.data, meta=out.meta)
 
     # -- lifecycle ---------------------------------------------------------------
 
