@@ -58,6 +58,9 @@ class ModelConfig:
     embedding_norm: bool = _help(False, "norm right after the embeddings (BERT)")
     mlm_transform: bool = _help(False, "dense+activation+norm before the MLM output (BERT)")
     head_bias: bool = _help(False, "bias on the LM/MLM output layer (BERT)")
+    logits_pad_multiple: int = _help(
+        128, "compute the output projection over the vocabulary rounded up to this multiple (tensor-core "
+        "friendly; the extra columns are dropped, parameters keep their shape); 1 = off")
     pooler: bool = _help(False, "dense+tanh pooler on the first token (BERT)")
     pooling: str = _help("cls", "sequence pooling for classification heads: cls | mean | last")
     attention_kernel: str = _help("xla", "xla (einsum reference) | dot_product_attention | cudnn")
@@ -117,7 +120,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
     _one_of("kv_cache_dtype", cfg.kv_cache_dtype, KV_CACHE_DTYPES)
     _one_of("pooling", cfg.pooling, POOLINGS)
     _one_of("remat", cfg.remat, REMAT_POLICIES)
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "logits_pad_multiple"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"model.{name} must be positive, got {getattr(cfg, name)}")
     if cfg.head_dim is None and cfg.d_model % cfg.n_heads:

@@ -184,13 +184,14 @@ def bench_train(setup: Setup, args, sink: list, peers: bool) -> None:
     from archlab.accounting import device_peak_flops
 
     peak = device_peak_flops()
-    info, runners = {}, {}
+    info, runners, setups = {}, {}, {"archlab": setup}
     compile_info, runners["archlab"] = setup.compile()
     runners["archlab"]()  # one step, so the memory high-water mark below is archlab's alone
     info["archlab"] = {"describe": setup.describe(), **compile_info, **peak_memory_mb()}
     for variant in args.variant:
         extra = variant.split()
         variant_setup = Setup([*setup.overrides, *extra])
+        setups[f"archlab {' '.join(extra)}"] = variant_setup  # its own tokens and FLOPs per step
         compile_info, runners[f"archlab {' '.join(extra)}"] = variant_setup.compile()
         info[f"archlab {' '.join(extra)}"] = {"describe": variant_setup.describe(), **compile_info}
     if peers:
@@ -203,7 +204,7 @@ def bench_train(setup: Setup, args, sink: list, peers: bool) -> None:
                 runners[name], seconds = build(setup.plan.model, setup.cfg.optimizer, setup.schedule, tokens)
                 info[name] = {"describe": peer_shape, "compile_s": seconds}
     times = time_interleaved(runners, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
-    records = {name: train_record(name, times[name], setup, peak, info[name]) for name in runners}
+    records = {name: train_record(name, times[name], setups.get(name, setup), peak, info[name]) for name in runners}
     for record in records.values():
         emit(record, sink)
     for ours in (name for name in records if name.startswith("archlab")):

@@ -87,6 +87,31 @@ def test_scan_and_unrolled_layers_agree(name):
     np.testing.assert_allclose(out[0], out[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_padded_vocabulary_projection_gives_the_same_logits_and_gradients(tie):
+    """logits_pad_multiple computes 256 columns for a 211-row vocabulary; the result is unchanged."""
+    from archlab.objectives.losses import cross_entropy_and_accuracy
+
+    def loss_and_grads(pad):
+        model = build_model(tiny("gpt2", tie_embeddings=tie, logits_pad_multiple=pad), seed=2)
+        graphdef, params = nnx.split(model)
+        x = tokens()
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(x)
+            return cross_entropy_and_accuracy(logits, x, jnp.ones(x.shape))[0], logits
+
+        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return logits, grads
+
+    (logits_1, grads_1), (logits_128, grads_128) = loss_and_grads(1), loss_and_grads(128)
+    assert logits_128.shape[-1] == 211
+    np.testing.assert_allclose(logits_128, logits_1, atol=1e-6)
+    for g1, g128 in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_128)):
+        assert g1.shape == g128.shape
+        np.testing.assert_allclose(g128, g1, rtol=1e-5, atol=1e-6)  # summation order may differ
+
+
 @pytest.mark.parametrize("name", ["gpt2", "bert", "t5"])
 def test_packed_documents_do_not_see_each_other(name):
     """A document packed after another gets the same logits as on its own."""

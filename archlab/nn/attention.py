@@ -156,11 +156,28 @@ def attend(q_BTNH, k_BSKH, v_BSKH, *, mask_BQK, bias_BNQK=None, scale: float, ke
         return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale)
     if kernel == "dot_product_attention":
         return _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale, None)
-    try:
-        return _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale, "cudnn")
-    except (ValueError, NotImplementedError, RuntimeError) as refusal:
-        log.warning("cuDNN attention refused (%s); falling back to the XLA kernel", str(refusal).splitlines()[0])
-        return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale)
+    reason = cudnn_refusal(q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[-1])
+    if reason is None:
+        try:
+            return _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale, "cudnn")
+        except (ValueError, NotImplementedError, RuntimeError) as refusal:
+            reason = str(refusal).splitlines()[0]
+    log.warning("cuDNN attention refused (%s); falling back to the XLA kernel", reason)
+    return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale)
+
+
+def cudnn_refusal(q_len: int, kv_len: int, head_dim: int) -> str | None:
+    """Why cuDNN flash attention would refuse this shape in training, or None.
+
+    Checked before the call because cuDNN's backward pass checks its shapes only when the
+    gradient is built, which for scanned layers happens after ``attend`` has returned: a refusal
+    there cannot fall back any more (seen: T5 span corruption's 229-token decoder on an H100).
+    """
+    if q_len % 64 or kv_len % 64:
+        return f"sequence lengths must be multiples of 64 for its backward pass, got Q {q_len}, KV {kv_len}"
+    if head_dim not in (64, 128) and head_dim % 8:
+        return f"head dimension {head_dim} is not a multiple of 8"
+    return None
 
 
 class Attention(nnx.Module):

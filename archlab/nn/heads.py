@@ -13,7 +13,7 @@ from flax import nnx
 
 from archlab.config import ModelConfig
 from archlab.errors import ConfigError
-from archlab.nn.layers import Dense, Embedding, Norm, activation_fn, compute_dtype
+from archlab.nn.layers import Dense, Embedding, Norm, activation_fn, compute_dtype, project_padded
 
 Array = jax.Array
 
@@ -40,13 +40,20 @@ class LMHead(nnx.Module):
             else Dense(cfg.d_model, cfg.vocab_size, use_bias=False, std=cfg.init_std, dtype=dtype, rngs=rngs)
         )
         self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32)) if cfg.head_bias else None
+        self.pad_multiple = cfg.logits_pad_multiple
 
     def __call__(self, hidden_BTD: Array, token_table: Embedding) -> Array:
         if self.transform is not None:
             hidden_BTD = self.transform_norm(self.act(self.transform(hidden_BTD)))
         if self.input_scale is not None:
             hidden_BTD = hidden_BTD * self.input_scale
-        logits_BTV = token_table.attend(hidden_BTD) if self.tied else self.output(hidden_BTD)
+        if self.tied:
+            logits_BTV = token_table.attend(hidden_BTD, self.pad_multiple)
+        else:
+            lead_shape = hidden_BTD.shape[:-1]
+            x_MD = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).astype(self.output.dtype)
+            w_DV = self.output.kernel[...].astype(self.output.dtype)
+            logits_BTV = project_padded(x_MD, w_DV, self.pad_multiple).reshape(*lead_shape, w_DV.shape[1])
         if self.bias is not None:
             logits_BTV = logits_BTV + self.bias[...].astype(logits_BTV.dtype)
         return logits_BTV

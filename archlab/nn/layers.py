@@ -57,12 +57,26 @@ class Embedding(nnx.Module):
     def __call__(self, ids: Array) -> Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-    def attend(self, x_BTD: Array) -> Array:
-        """Logits against every row: ``x @ embedding.T``."""
+    def attend(self, x_BTD: Array, pad_multiple: int = 1) -> Array:
+        """Logits against every row: ``x @ embedding.T`` (see ``project_padded``)."""
         lead_shape = x_BTD.shape[:-1]
         x_MD = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(self.dtype)
-        logits_MV = x_MD @ self.embedding[...].astype(self.dtype).T
+        logits_MV = project_padded(x_MD, self.embedding[...].astype(self.dtype).T, pad_multiple)
         return logits_MV.reshape(*lead_shape, logits_MV.shape[-1])
+
+
+def project_padded(x_MD: Array, w_DV: Array, pad_multiple: int) -> Array:
+    """``x @ w`` with ``w``'s columns zero-padded to a multiple of ``pad_multiple``, padding dropped.
+
+    GPT-2's 50,257 columns make the largest matmul of the step a shape tensor cores tile badly;
+    computed over 50,304 columns the step ran ~12% faster on an H100 (experiments/throughput/).
+    The values are exactly those of ``x @ w``: the extra columns are computed, then sliced away.
+    """
+    vocab = w_DV.shape[1]
+    padded = -(-vocab // pad_multiple) * pad_multiple
+    if padded == vocab:
+        return x_MD @ w_DV
+    return (x_MD @ jnp.pad(w_DV, ((0, 0), (0, padded - vocab))))[:, :vocab]
 
 
 class Norm(nnx.Module):
