@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PEER_SHAPE = ["model=decoder_only", "objective=clm", "size=medium", "data.seq_len=256", "run.batch_size=8",
               "data.vocab_size=8192", "model.activation=gelu_tanh", "model.dtype=float32"]
-# The layer modes archlab offers, timed beside the default (scanned layers) under --peer.
-PEER_VARIANTS = ["model.scan_layers=false", "model.remat=dots"]
+# The layer modes archlab offers, timed beside the default (scanned layers, remat=auto:
+# dots_no_batch on the CPU) under --peer.
+PEER_VARIANTS = ["model.scan_layers=false", "model.remat=none"]
 QUIET = ["logger=none", "run.progress=false", "run.samples=0"]
 
 
@@ -114,8 +115,8 @@ class Setup:
         return {
             "family": m.family, "objective": cfg.objective.name, "d_model": m.d_model, "n_layers": m.n_layers,
             "n_heads": m.n_heads, "d_ff": m.d_ff, "vocab": m.vocab_size, "seq_len": cfg.data.seq_len,
-            "batch": cfg.run.batch_size, "dtype": m.dtype, "scan_layers": m.scan_layers, "remat": m.remat,
-            "attention_kernel": m.attention_kernel, "params": self.plan.params.total,
+            "batch": cfg.run.batch_size, "dtype": m.dtype, "scan_layers": m.scan_layers, "remat": m.remat_policy,
+            "attention_kernel": m.attention_kernel, "head_chunk": m.head_chunk_size, "params": self.plan.params.total,
             "tokens_per_step": self.plan.tokens_per_step,
         }
 
@@ -198,7 +199,8 @@ def bench_train(setup: Setup, args, sink: list, peers: bool) -> None:
         import benchmark_peers
 
         tokens = setup.host_batch["inputs"]
-        peer_shape = {**setup.describe(), "scan_layers": None, "remat": None, "attention_kernel": None}
+        peer_shape = {**setup.describe(), "scan_layers": None, "remat": None, "attention_kernel": None,
+                      "head_chunk": None}
         for name, build in (("hf_torch", benchmark_peers.torch_step), ("hf_flax", benchmark_peers.flax_step)):
             if name.removeprefix("hf_") in args.peers:
                 runners[name], seconds = build(setup.plan.model, setup.cfg.optimizer, setup.schedule, tokens)
@@ -258,9 +260,9 @@ def bench_pipeline(setup: Setup, args, sink: list, train_tokens_per_s: float | N
 
 
 DEPTH_MODES = {
-    "scan": ["model.scan_layers=true"],
-    "unrolled": ["model.scan_layers=false"],
-    "scan-remat": ["model.scan_layers=true", "model.remat=dots"],
+    "scan": ["model.scan_layers=true", "model.remat=none"],
+    "unrolled": ["model.scan_layers=false", "model.remat=none"],
+    "scan-remat": ["model.scan_layers=true", "model.remat=auto"],
 }
 
 

@@ -41,13 +41,15 @@ def markdown(records: list[dict]) -> str:
         shapes = sorted({_shape(r) for r in train})
         out.append("Shape: " + "; ".join(shapes))
         rows = [[r["impl"] if len(shapes) == 1 else f"{r['impl']} ({_shape(r)})", _layers(r),
+                 _fmt(r.get("head_chunk"), "d") or "n/a",
                  f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.0f}", f"{r['step_ms_min']:.0f}-{r['step_ms_max']:.0f}",
                  _fmt(r.get("cpu_ms"), ".0f"), f"{100 * r['mfu']:.1f}%", _fmt(r.get("compile_s"), ".1f"),
                  _fmt(r.get("xla_temp_mb"), ",.0f"), _fmt(r.get("peak_rss_mb", r.get("peak_device_mb")), ",.0f"),
-                 str(r["timed_steps"])]
+                 str(r["timed_steps"]), _fmt(r.get("loadavg_1m"), ".1f")]
                 for r in train]
-        out.append(_table(["impl", "layers", "tokens/s", "median step ms", "step ms range", "CPU ms/step", "MFU",
-                           "compile s", "XLA temp MB", "peak RSS MB", "timed steps"], rows))
+        out.append(_table(["impl", "layers", "head chunk", "tokens/s", "median step ms", "step ms range",
+                           "CPU ms/step", "MFU", "compile s", "XLA temp MB", "peak RSS MB", "timed steps", "load 1m"],
+                          rows))
     ratios = [r for r in records if r["measure"] == "ratio" and "tokens_per_s_ratio" in r]
     if ratios:
         out.append(_table(["ratio", "tokens/s (wall)", "CPU time per step"],
@@ -55,10 +57,11 @@ def markdown(records: list[dict]) -> str:
                            for r in ratios]))
     ablation = [r for r in records if r["measure"] == "ablation"]
     if ablation:
-        rows = [[r["impl"], _layers(r), f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.0f}", f"{r['cpu_ms']:.0f}",
-                 f"{r['step_time_vs_before']:.3f}"] for r in ablation]
-        out.append(_table(["variant", "layers", "tokens/s", "median step ms", "CPU ms/step", "step time / before"],
-                          rows))
+        rows = [[r["impl"], _layers(r), _fmt(r.get("head_chunk"), "d"), f"{r['tokens_per_s']:,.0f}",
+                 f"{r['step_ms']:.0f}", f"{r['cpu_ms']:.0f}", f"{r['step_time_vs_before']:.3f}",
+                 _fmt(r.get("loadavg_1m"), ".1f")] for r in ablation]
+        out.append(_table(["variant", "layers", "head chunk", "tokens/s", "median step ms", "CPU ms/step",
+                           "step time / before", "load 1m"], rows))
     depth = [r for r in records if r["measure"] == "compile_depth"]
     if depth:
         rows = [[str(r["n_layers"]), _layers(r), f"{r['lower_s']:.2f}",

@@ -212,3 +212,29 @@ def test_kernels_agree_in_bfloat16(case, kv_heads):
     for kernel, out in outputs.items():
         np.testing.assert_allclose(out[valid], expected[valid], atol=tolerance, err_msg=kernel)
     np.testing.assert_allclose(outputs["xla"][valid], outputs["dot_product_attention"][valid], atol=tolerance)
+
+
+@pytest.mark.parametrize("length", [8, 7])  # 7: not divisible by the blocks, the dense path
+def test_causal_blocks_equal_the_dense_kernel_with_gradients(length):
+    """``causal=True`` skips the score blocks above the diagonal: same values and gradients on every
+    query that sees a key (padding queries, which see none, only have to stay finite)."""
+    from archlab.nn.attention import attend
+
+    rng = np.random.default_rng(5)
+    segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0][:length], [1, 1, 1, 1, 1, 1, 0, 0][:length]], jnp.int32)
+    mask = masks.decoder_mask(segments)
+    real = np.asarray(segments != 0)[:, :, None, None]
+    q, k, v = (jnp.asarray(rng.normal(size=(2, length, n, 4)), jnp.float32) for n in (4, 2, 2))
+    bias = jnp.asarray(rng.normal(size=(2, 4, length, length)), jnp.float32)
+    d_out = jnp.asarray(rng.normal(size=(2, length, 4, 4)) * real, jnp.float32)
+
+    def run(causal):
+        f = lambda q_, k_, v_, b_: attend(q_, k_, v_, mask_BQK=mask, bias_BNQK=b_, scale=0.5, causal=causal)
+        out, vjp = jax.vjp(f, q, k, v, bias)
+        return out, vjp(d_out)
+
+    (dense, dense_grads), (blocked, blocked_grads) = run(False), run(True)
+    assert bool(jnp.isfinite(blocked).all())
+    np.testing.assert_allclose(np.asarray(blocked) * real, np.asarray(dense) * real, atol=1e-6)
+    for got, want in zip(blocked_grads, dense_grads):
+        np.testing.assert_allclose(got, want, atol=1e-6)

@@ -207,3 +207,46 @@ def test_schema_lists_every_data_source():
     from archlab.schema import DATA_SOURCES
 
     assert set(DATA_SOURCES) == set(SOURCES)
+
+
+def _loss_batch(family: str, batch: int = 2, length: int = 12) -> dict:
+    rng = np.random.default_rng(4)
+    ids = lambda n: jnp.asarray(rng.integers(6, 111, size=(batch, n)), jnp.int32)
+    segments = jnp.asarray(np.r_[np.ones(length - 3), np.zeros(3)][None].repeat(batch, 0), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    weights = segments.astype(jnp.float32)
+    if family == "encoder_decoder":
+        return dict(encoder_inputs=ids(length), encoder_segment_ids=segments, encoder_positions=positions,
+                    decoder_inputs=ids(5), decoder_segment_ids=segments[:, :5], decoder_positions=positions[:, :5],
+                    decoder_targets=ids(5), weights=weights[:, :5])
+    return dict(inputs=ids(length), targets=ids(length), weights=weights, segment_ids=segments, positions=positions)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5", "t5_v1_1"])
+def test_chunked_head_loss_equals_materialised_logits_for_every_family(name):
+    """The training loss's fused head (model.head_chunk > 0) gives the loss, sums and gradients of
+    the materialised logits (head_chunk=0), tied or untied, with BERT's transform and bias."""
+    from archlab.objectives.model_io import loss_and_metrics
+
+    results = []
+    for chunk in (0, 5):
+        model = build_model(tiny(name, head_chunk=chunk), seed=2)
+        graphdef, params = nnx.split(model)
+        batch = _loss_batch(model.cfg.family)
+        loss_fn = lambda p: loss_and_metrics(nnx.merge(graphdef, p), batch)
+        results.append(jax.value_and_grad(loss_fn, has_aux=True)(params))
+    ((loss0, sums0), grads0), ((loss1, sums1), grads1) = results
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    for key in sums0:
+        np.testing.assert_allclose(sums1[key], sums0[key], rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads0)):
+        np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_auto_defaults_resolve_per_backend():
+    cfg = tiny("gpt2")
+    assert cfg.remat == "auto" and cfg.head_chunk == -1
+    assert cfg.remat_policy == ("dots_no_batch" if jax.default_backend() in ("cpu", "gpu") else "none")
+    assert cfg.head_chunk_size == (512 if jax.default_backend() == "cpu" else 0)
+    assert tiny("gpt2", remat="none").remat_policy == "none"
+    assert tiny("gpt2", head_chunk=0).head_chunk_size == 0

@@ -416,6 +416,51 @@ def test_fused_cross_entropy_is_stable_and_ignores_weight_zero_rows():
     assert float(jnp.abs(grad[0, 1].astype(jnp.float32)).max()) == 0.0
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 16, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_head_and_loss_equal_the_materialised_logits_with_gradients(chunk, with_bias):
+    from archlab.objectives.losses import cross_entropy_and_accuracy, head_cross_entropy_and_accuracy
+
+    rng = np.random.default_rng(2)
+    rows, width, vocab = 19, 6, 13  # 19 rows: the last chunk is partial for every chunk size but 1
+    features = jnp.asarray(rng.normal(size=(rows, width)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(vocab, width)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(vocab,)), jnp.float32) if with_bias else None
+    targets = jnp.asarray(rng.integers(0, vocab, size=rows))
+    weights = jnp.asarray((rng.random(rows) < 0.7) * rng.uniform(0.5, 2.0, size=rows), jnp.float32)
+
+    def reference(f, t, b):
+        logits = f @ t.T + (0.0 if b is None else b)
+        return cross_entropy_and_accuracy(logits, targets, weights)
+
+    def chunked(f, t, b):
+        return head_cross_entropy_and_accuracy(f, t, b, targets, weights, chunk=chunk)
+
+    ref, out = reference(features, table, bias), chunked(features, table, bias)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-6)
+    assert float(out[1]) == float(ref[1]) and float(out[2]) == float(ref[2])
+    argnums = (0, 1, 2) if with_bias else (0, 1)
+    ref_grads = jax.grad(lambda *a: reference(*a)[0] / 7.0, argnums)(features, table, bias)
+    grads = jax.grad(lambda *a: chunked(*a)[0] / 7.0, argnums)(features, table, bias)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_chunked_head_and_loss_ignore_weight_zero_rows_and_keep_bfloat16_gradients():
+    from archlab.objectives.losses import head_cross_entropy_and_accuracy
+
+    features = jnp.asarray([[1.0, 2.0], [jnp.inf, 0.0], [0.5, -1.0]], jnp.bfloat16)
+    table = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], jnp.bfloat16)
+    targets, weights = jnp.asarray([2, 0, 1]), jnp.asarray([1.0, 0.0, 2.0])
+    loss = lambda f, t: head_cross_entropy_and_accuracy(f, t, None, targets, weights, chunk=2)[0]
+    assert bool(jnp.isfinite(loss(features, table)))  # the weight-0 row's logits are not finite
+    features = features.at[1, 0].set(1e38)  # finite, so that the table's gradient (0 * row) is too
+    grad_f, grad_t = jax.grad(loss, (0, 1))(features, table)
+    assert grad_f.dtype == jnp.bfloat16 and grad_t.dtype == jnp.bfloat16
+    assert float(jnp.abs(grad_f[1].astype(jnp.float32)).max()) == 0.0
+    assert bool(jnp.isfinite(grad_t.astype(jnp.float32)).all())
+
+
 # --------------------------------------------------------------------------- registry
 
 

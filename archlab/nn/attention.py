@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from archlab.config import ModelConfig
-from archlab.nn.layers import Dense, compute_dtype, rope
+from archlab.nn.layers import Dense, compute_dtype, fused_dense, rope
 from archlab.nn.masks import check_mask
 
 Array = jax.Array
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 
 INT8_MAX = 127
+FUSE_QKV = True
+# Query blocks of the XLA kernel under a causal mask (1 = one dense block).
+CAUSAL_BLOCKS = 2
 KV_SCALE_DTYPE = jnp.float32
 
 
@@ -108,7 +111,7 @@ class KVCache(NamedTuple):
         )
 
 
-def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float) -> Array:
+def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float, causal_blocks: int = 1) -> Array:
     """Reference kernel: plain einsums, scores and normalisation in float32.
 
     Two choices make it ~11% faster per layer on the CPU (fwd+bwd, experiments/throughput/):
@@ -117,6 +120,14 @@ def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float) ->
     ``(exp(s - max) @ v) / sum(exp(s - max))``, which divides ``[.., T, H]`` instead of the
     ``[.., T, S]`` weights in both directions. The max is a constant shift (stop_gradient):
     the result and its gradient do not depend on it.
+
+    ``causal_blocks > 1`` promises a mask that hides every key after its query (causal
+    self-attention, packed or not): the queries are cut into that many blocks and block ``i``
+    reads only the keys up to its own end, skipping the score blocks the mask zeroes anyway
+    (a quarter of the work with 2 blocks; ~6% of the CPU training step, experiments/throughput/).
+    Same values and gradients for every query that sees a key; a fully masked (padding) query
+    gets uniform weights over its block's keys instead of all keys. Ignored when the length
+    does not divide.
     """
     batch, q_len, n_heads, head_dim = q_BTNH.shape
     kv_heads = k_BSKH.shape[2]
@@ -124,6 +135,24 @@ def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float) ->
     q_BKGTH = jnp.transpose(q_BTNH.reshape(batch, q_len, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
     k_BKSH = jnp.transpose(k_BSKH, (0, 2, 1, 3))
     v_BKSH = jnp.transpose(v_BSKH, (0, 2, 1, 3))
+    if causal_blocks < 2 or q_len != k_BSKH.shape[1] or q_len % causal_blocks:
+        causal_blocks = 1
+    size = q_len // causal_blocks
+    outs = []
+    for i in range(causal_blocks):
+        last = i == causal_blocks - 1
+        rows, keys = slice(i * size, (i + 1) * size), slice(0, k_BKSH.shape[2] if last else (i + 1) * size)
+        bias = None if bias_BNQK is None else bias_BNQK[:, :, rows, keys]
+        outs.append(_attention_block(
+            q_BKGTH[:, :, :, rows], k_BKSH[:, :, keys], v_BKSH[:, :, keys], mask_BQK[:, rows, keys], bias, scale
+        ))
+    out_BKGTH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    out_BTKGH = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).astype(v_BSKH.dtype)
+    return out_BTKGH.reshape(batch, q_len, n_heads, head_dim)
+
+
+def _attention_block(q_BKGTH, k_BKSH, v_BKSH, mask_BQK, bias_BNQK, scale: float) -> Array:
+    kv_heads, group = q_BKGTH.shape[1], q_BKGTH.shape[2]
     scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
     scores_BKGTS = scores_BKGTS * scale
     if bias_BNQK is not None:
@@ -135,11 +164,9 @@ def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float) ->
     unnormalized_BKGTS = jnp.exp(scores_BKGTS - max_BKGT1)
     total_BKGT1 = jnp.sum(unnormalized_BKGTS, axis=-1, keepdims=True)
     out_BKGTH = jnp.einsum(
-        "bkgts,bksh->bkgth", unnormalized_BKGTS.astype(v_BSKH.dtype), v_BKSH, preferred_element_type=jnp.float32
+        "bkgts,bksh->bkgth", unnormalized_BKGTS.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32
     )
-    out_BKGTH = out_BKGTH / total_BKGT1
-    out_BTKGH = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).astype(v_BSKH.dtype)
-    return out_BTKGH.reshape(batch, q_len, n_heads, head_dim)
+    return out_BKGTH / total_BKGT1
 
 
 def _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float, implementation) -> Array:
@@ -150,10 +177,16 @@ def _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float
     )
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, *, mask_BQK, bias_BNQK=None, scale: float, kernel: str = "xla") -> Array:
-    """softmax(q k^T * scale + bias, masked) v with the configured kernel."""
+def attend(
+    q_BTNH, k_BSKH, v_BSKH, *, mask_BQK, bias_BNQK=None, scale: float, kernel: str = "xla", causal: bool = False
+) -> Array:
+    """softmax(q k^T * scale + bias, masked) v with the configured kernel.
+
+    ``causal`` promises that the mask hides every key after its query; the XLA kernel then skips
+    the score blocks above the diagonal (``CAUSAL_BLOCKS``).
+    """
     if kernel == "xla":
-        return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale)
+        return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale, CAUSAL_BLOCKS if causal else 1)
     if kernel == "dot_product_attention":
         return _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale, None)
     reason = cudnn_refusal(q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[-1])
@@ -212,14 +245,19 @@ class Attention(nnx.Module):
         kv_positions_BS: Array | None = None,
         cache: KVCache | None = None,
         cache_index: Array | int | None = None,
+        causal: bool = False,
     ):
         is_self = x_kv_BSD is None
         x_kv_BSD = x_q_BTD if is_self else x_kv_BSD
         batch, q_len, _ = x_q_BTD.shape
         kv_len = x_kv_BSD.shape[1]
-        q_BTNH = self.q(x_q_BTD).reshape(batch, q_len, self.n_heads, self.head_dim)
-        k_BSKH = self.k(x_kv_BSD).reshape(batch, kv_len, self.kv_heads, self.head_dim)
-        v_BSKH = self.v(x_kv_BSD).reshape(batch, kv_len, self.kv_heads, self.head_dim)
+        if is_self and FUSE_QKV:
+            q_BTF, k_BSF, v_BSF = fused_dense((self.q, self.k, self.v), x_q_BTD)
+        else:
+            q_BTF, (k_BSF, v_BSF) = self.q(x_q_BTD), fused_dense((self.k, self.v), x_kv_BSD)
+        q_BTNH = q_BTF.reshape(batch, q_len, self.n_heads, self.head_dim)
+        k_BSKH = k_BSF.reshape(batch, kv_len, self.kv_heads, self.head_dim)
+        v_BSKH = v_BSF.reshape(batch, kv_len, self.kv_heads, self.head_dim)
         if self.use_rope and is_self:
             q_BTNH = rope(q_BTNH, q_positions_BT, self.rope_theta)
             k_BSKH = rope(k_BSKH, q_positions_BT if kv_positions_BS is None else kv_positions_BS, self.rope_theta)
@@ -228,7 +266,8 @@ class Attention(nnx.Module):
             k_BSKH, v_BSKH = cache.read(q_BTNH.dtype)
         check_mask(mask_BQK, batch, q_len, k_BSKH.shape[1])
         out_BTNH = attend(
-            q_BTNH, k_BSKH, v_BSKH, mask_BQK=mask_BQK, bias_BNQK=bias_BNQK, scale=self.scale, kernel=self.kernel
+            q_BTNH, k_BSKH, v_BSKH, mask_BQK=mask_BQK, bias_BNQK=bias_BNQK, scale=self.scale, kernel=self.kernel,
+            causal=causal and cache is None,
         )
         y_BTD = self.o(out_BTNH.reshape(batch, q_len, self.n_heads * self.head_dim))
         return y_BTD if cache is None else (y_BTD, cache)

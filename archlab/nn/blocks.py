@@ -23,6 +23,8 @@ class BlockContext(NamedTuple):
     self_bias_BNQK: Array | None = None
     encoded_BSD: Array | None = None
     cross_mask_BQK: Array | None = None
+    # True when self_mask_BQK hides every later key (causal decoding of a whole sequence).
+    causal: bool = False
 
 
 class TransformerBlock(nnx.Module):
@@ -51,7 +53,7 @@ class TransformerBlock(nnx.Module):
             nonlocal new_cache
             out = self.self_attn(
                 h_BTD, mask_BQK=ctx.self_mask_BQK, bias_BNQK=ctx.self_bias_BNQK,
-                q_positions_BT=ctx.positions_BT, cache=cache, cache_index=cache_index,
+                q_positions_BT=ctx.positions_BT, cache=cache, cache_index=cache_index, causal=ctx.causal,
             )
             if cache is None:
                 return out
@@ -89,7 +91,7 @@ class LayerStack(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.n_layers = n_layers
         self.scan = cfg.scan_layers
-        self.remat = cfg.remat
+        self.remat = cfg.remat_policy
 
     def __call__(self, x_BTD: Array, ctx: BlockContext, caches: KVCache | None = None, cache_index=None):
         """With ``caches`` (each array with a leading layer axis) returns ``(x, caches)``."""

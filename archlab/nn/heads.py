@@ -43,20 +43,38 @@ class LMHead(nnx.Module):
         self.pad_multiple = cfg.logits_pad_multiple
 
     def __call__(self, hidden_BTD: Array, token_table: Embedding) -> Array:
-        if self.transform is not None:
-            hidden_BTD = self.transform_norm(self.act(self.transform(hidden_BTD)))
-        if self.input_scale is not None:
-            hidden_BTD = hidden_BTD * self.input_scale
+        features_BTD = self.features(hidden_BTD)
         if self.tied:
-            logits_BTV = token_table.attend(hidden_BTD, self.pad_multiple)
+            logits_BTV = token_table.attend(features_BTD, self.pad_multiple)
         else:
-            lead_shape = hidden_BTD.shape[:-1]
-            x_MD = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).astype(self.output.dtype)
+            lead_shape = features_BTD.shape[:-1]
+            x_MD = features_BTD.reshape(-1, features_BTD.shape[-1]).astype(self.output.dtype)
             w_DV = self.output.kernel[...].astype(self.output.dtype)
             logits_BTV = project_padded(x_MD, w_DV, self.pad_multiple).reshape(*lead_shape, w_DV.shape[1])
         if self.bias is not None:
             logits_BTV = logits_BTV + self.bias[...].astype(logits_BTV.dtype)
         return logits_BTV
+
+    def features(self, hidden_BTD: Array) -> Array:
+        """What the output matrix multiplies: the hidden states after the MLM transform / T5 scale."""
+        if self.transform is not None:
+            hidden_BTD = self.transform_norm(self.act(self.transform(hidden_BTD)))
+        if self.input_scale is not None:
+            hidden_BTD = hidden_BTD * self.input_scale
+        return hidden_BTD
+
+    def output_weights(self, token_table: Embedding) -> tuple[Array, Array | None]:
+        """``(table_VD, bias_V or None)`` in the compute dtype: ``logits = features @ table_VD.T + bias``.
+
+        For a fused head-and-loss (``objectives.losses.head_cross_entropy_and_accuracy``), which
+        never materialises the logits; ``__call__`` gives the same logits directly.
+        """
+        if self.tied:
+            table_VD = token_table.embedding[...].astype(token_table.dtype)
+        else:
+            table_VD = self.output.kernel[...].astype(self.output.dtype).T
+        bias_V = None if self.bias is None else self.bias[...].astype(table_VD.dtype)
+        return table_VD, bias_V
 
 
 def pool(hidden_BTD: Array, segment_ids_BT: Array, how: str) -> Array:

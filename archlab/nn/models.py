@@ -159,7 +159,7 @@ class DecoderOnly(nnx.Module):
             real_BS = (cache_segment_ids_BS != 0).astype(jnp.int32)
             key_positions_BS = jnp.maximum(jnp.cumsum(real_BS, axis=1) - 1, 0)
         bias = None if self.relative_bias is None else self.relative_bias(positions_BT, key_positions_BS)
-        ctx = BlockContext(self_mask, positions_BT, bias)
+        ctx = BlockContext(self_mask, positions_BT, bias, causal=caches is None and prefix_BT is None)
         out = self.layers(self.embed(tokens_BT, positions_BT), ctx, caches, cache_index)
         hidden_BTD, caches = (out, None) if caches is None else out
         if self.final_norm is not None:
@@ -209,6 +209,19 @@ class EncoderDecoder(nnx.Module):
         positions_BT=None, caches: KVCache | None = None, cache_index=None,
     ):
         """Decoder logits ``[B, T, V]`` (and updated caches when decoding step by step)."""
+        out = self.decode_hidden(
+            tokens_BT, encoded_BSD, encoder_segment_ids_BS=encoder_segment_ids_BS, segment_ids_BT=segment_ids_BT,
+            positions_BT=positions_BT, caches=caches, cache_index=cache_index,
+        )
+        if isinstance(out, tuple):
+            return self.lm_head(out[0], self.embed.tokens), out[1]
+        return self.lm_head(out, self.embed.tokens)
+
+    def decode_hidden(
+        self, tokens_BT: Array, encoded_BSD: Array, *, encoder_segment_ids_BS=None, segment_ids_BT=None,
+        positions_BT=None, caches: KVCache | None = None, cache_index=None,
+    ):
+        """Final decoder hidden states ``[B, T, D]`` (and updated caches), before the LM head."""
         max_len = None if caches is None else caches.k_BSKH.shape[2]
         _check_tokens(self.cfg, tokens_BT, "decoder input", max_len)
         segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
@@ -224,13 +237,12 @@ class EncoderDecoder(nnx.Module):
             key_positions = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (tokens_BT.shape[0], cache_len))
         bias = None if self.decoder_bias is None else self.decoder_bias(positions_BT, key_positions)
         cross = masks.cross_mask(segment_ids_BT, encoder_segment_ids_BS)
-        ctx = BlockContext(self_mask, positions_BT, bias, encoded_BSD, cross)
+        ctx = BlockContext(self_mask, positions_BT, bias, encoded_BSD, cross, causal=caches is None)
         out = self.decoder(self.embed(tokens_BT, positions_BT), ctx, caches, cache_index)
         hidden_BTD, caches = (out, None) if caches is None else out
         if self.decoder_norm is not None:
             hidden_BTD = self.decoder_norm(hidden_BTD)
-        logits_BTV = self.lm_head(hidden_BTD, self.embed.tokens)
-        return logits_BTV if caches is None else (logits_BTV, caches)
+        return hidden_BTD if caches is None else (hidden_BTD, caches)
 
     def __call__(
         self, encoder_tokens_BS: Array, decoder_tokens_BT: Array, *, encoder_segment_ids_BS=None,

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from archlab.objectives.losses import cross_entropy_and_accuracy
+from archlab.objectives.losses import cross_entropy_and_accuracy, head_cross_entropy_and_accuracy
 
 Array = jax.Array
 
@@ -19,25 +19,51 @@ Array = jax.Array
 LOSS_KEYS = ("targets", "decoder_targets", "weights")
 
 
-def logits_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
-    """``(logits_BTV, targets_BT, weights_BT)`` for an objective batch and a model of its family."""
+def hidden_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
+    """``(hidden_BTD, targets_BT, weights_BT)``: the final hidden states that the LM head reads."""
     family = model.cfg.family
     if family == "encoder_decoder":
-        logits_BTV = model(
-            batch["encoder_inputs"], batch["decoder_inputs"],
-            encoder_segment_ids_BS=batch["encoder_segment_ids"], encoder_positions_BS=batch["encoder_positions"],
-            decoder_segment_ids_BT=batch["decoder_segment_ids"], decoder_positions_BT=batch["decoder_positions"],
+        encoded_BSD = model.encode(
+            batch["encoder_inputs"], segment_ids_BS=batch["encoder_segment_ids"],
+            positions_BS=batch["encoder_positions"],
         )
-        return logits_BTV, batch["decoder_targets"], batch["weights"]
+        hidden_BTD = model.decode_hidden(
+            batch["decoder_inputs"], encoded_BSD, encoder_segment_ids_BS=batch["encoder_segment_ids"],
+            segment_ids_BT=batch["decoder_segment_ids"], positions_BT=batch["decoder_positions"],
+        )
+        return hidden_BTD, batch["decoder_targets"], batch["weights"]
     kwargs = dict(segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"])
-    if family == "decoder_only" and "prefix_mask" in batch:
-        kwargs["prefix_BT"] = batch["prefix_mask"]
-    return model(batch["inputs"], **kwargs), batch["targets"], batch["weights"]
+    if family == "decoder_only":
+        if "prefix_mask" in batch:
+            kwargs["prefix_BT"] = batch["prefix_mask"]
+        return model.hidden(batch["inputs"], **kwargs), batch["targets"], batch["weights"]
+    return model.encode(batch["inputs"], **kwargs), batch["targets"], batch["weights"]
+
+
+def logits_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
+    """``(logits_BTV, targets_BT, weights_BT)`` for an objective batch and a model of its family."""
+    hidden_BTD, targets_BT, weights_BT = hidden_and_targets(model, batch)
+    return model.lm_head(hidden_BTD, model.embed.tokens), targets_BT, weights_BT
 
 
 def loss_and_metrics(model: Any, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
-    """Mean token cross-entropy over weighted targets, and the sums that aggregate across batches."""
-    logits_BTV, targets_BT, weights_BT = logits_and_targets(model, batch)
-    loss_sum, correct_sum, weight_sum = cross_entropy_and_accuracy(logits_BTV, targets_BT, weights_BT)
+    """Mean token cross-entropy over weighted targets, and the sums that aggregate across batches.
+
+    With ``model.head_chunk > 0`` (auto on the CPU) the output head and the loss run fused, chunk by
+    chunk (``head_cross_entropy_and_accuracy``); with 0 the logits are materialised first. Both
+    give the same values and gradients (tests/test_objectives.py).
+    """
+    chunk = model.cfg.head_chunk_size
+    if chunk > 0:
+        hidden_BTD, targets_BT, weights_BT = hidden_and_targets(model, batch)
+        features_BTD = model.lm_head.features(hidden_BTD)
+        table_VD, bias_V = model.lm_head.output_weights(model.embed.tokens)
+        loss_sum, correct_sum, weight_sum = head_cross_entropy_and_accuracy(
+            features_BTD.reshape(-1, features_BTD.shape[-1]), table_VD, bias_V,
+            targets_BT.reshape(-1), weights_BT.reshape(-1), chunk=chunk,
+        )
+    else:
+        logits_BTV, targets_BT, weights_BT = logits_and_targets(model, batch)
+        loss_sum, correct_sum, weight_sum = cross_entropy_and_accuracy(logits_BTV, targets_BT, weights_BT)
     loss = loss_sum / jnp.maximum(weight_sum, 1.0)
     return loss, {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}

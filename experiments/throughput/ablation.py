@@ -2,16 +2,25 @@
 
     python experiments/throughput/ablation.py [--rounds 4 --steps 3]
 
-The CPU target shape of ``scripts/benchmark.py --peer``. "before" restores, for this process
-only, the two hot-path pieces as they were before the change: the attention kernel with the 5-D
-einsums and softmax-then-value-product, and the loss as ``weighted_cross_entropy`` plus
-``weighted_accuracy`` (jnp.argmax). Every variant is compiled with its patch active, then all
-variants are timed round by round, alternating, like the peers.
+The CPU target shape of ``scripts/benchmark.py --peer``. Two views, every variant compiled with
+its patch active and then all timed round by round, alternating, like the peers:
+
+- cumulative, from "before" (issue 6's starting point) to "now" (archlab's CPU default), adding
+  one optimisation per row;
+- leave-one-out: "now" with a single optimisation turned off.
+
+"Before" restores, for this process only, the hot-path pieces as they were: the attention kernel
+with 5-D einsums and softmax-then-value-product, the loss as ``weighted_cross_entropy`` plus
+``weighted_accuracy`` (jnp.argmax) on materialised logits, separate q/k/v projections, dense causal
+attention, no remat. The later pieces are configuration
+(``model.head_chunk``, ``model.remat``) or module flags (``attention.FUSE_QKV``,
+``attention.CAUSAL_BLOCKS``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from contextlib import contextmanager
@@ -28,7 +37,7 @@ from archlab.objectives import model_io  # noqa: E402
 from archlab.objectives.losses import weighted_accuracy, weighted_cross_entropy  # noqa: E402
 
 
-def attention_before(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float):
+def attention_before(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float, causal_blocks: int = 1):
     """The XLA kernel before issue 6: 5-D einsums in the [B,T,K,G,H] layout, softmax, then values."""
     batch, q_len, n_heads, head_dim = q_BTNH.shape
     kv_heads = k_BSKH.shape[2]
@@ -51,26 +60,36 @@ def loss_before(logits_BTV, targets_BT, weights_BT):
 
 
 @contextmanager
-def patched(old_attention: bool, old_loss: bool):
-    saved = attention._xla_attention, model_io.cross_entropy_and_accuracy
+def patched(old_attention: bool, old_loss: bool, fuse_qkv: bool, causal_blocks: int):
+    saved = (attention._xla_attention, model_io.cross_entropy_and_accuracy, attention.FUSE_QKV,
+             attention.CAUSAL_BLOCKS)
     if old_attention:
         attention._xla_attention = attention_before
     if old_loss:
         model_io.cross_entropy_and_accuracy = loss_before
+    attention.FUSE_QKV, attention.CAUSAL_BLOCKS = fuse_qkv, causal_blocks
     try:
         yield
     finally:
-        attention._xla_attention, model_io.cross_entropy_and_accuracy = saved
+        (attention._xla_attention, model_io.cross_entropy_and_accuracy, attention.FUSE_QKV,
+         attention.CAUSAL_BLOCKS) = saved
 
 
-VARIANTS = [  # (name, extra overrides, old attention, old loss)
-    ("before (scan)", [], True, True),
-    ("+ attention kernel", [], False, True),
-    ("+ fused loss = now (scan)", [], False, False),
-    ("before, unrolled", ["model.scan_layers=false"], True, True),
-    ("now, unrolled", ["model.scan_layers=false"], False, False),
-    ("before, remat=dots", ["model.remat=dots"], True, True),
-    ("now, remat=dots", ["model.remat=dots"], False, False),
+UNCHUNKED, NO_REMAT = "model.head_chunk=0", "model.remat=none"
+VARIANTS = [  # (name, extra overrides, old attention, old loss, fused q/k/v, causal blocks)
+    ("before (scan)", [UNCHUNKED, NO_REMAT], True, True, False, 1),
+    ("+ attention kernel", [UNCHUNKED, NO_REMAT], False, True, False, 1),
+    ("+ fused loss", [UNCHUNKED, NO_REMAT], False, False, False, 1),
+    ("+ chunked head+loss (head_chunk=512)", [NO_REMAT], False, False, False, 1),
+    ("+ fused q/k/v projection", [NO_REMAT], False, False, True, 1),
+    ("+ causal blocks (2)", [NO_REMAT], False, False, True, 2),
+    ("+ remat=auto (dots_no_batch) = now", [], False, False, True, 2),
+    ("now, head_chunk=0 (logits materialised)", [UNCHUNKED], False, False, True, 2),
+    ("now, separate q/k/v projections", [], False, False, False, 2),
+    ("now, no causal blocks", [], False, False, True, 1),
+    ("now, remat=dots", ["model.remat=dots"], False, False, True, 2),
+    ("now, remat=none", [NO_REMAT], False, False, True, 2),
+    ("now, unrolled layers", ["model.scan_layers=false"], False, False, True, 2),
 ]
 
 
@@ -83,18 +102,18 @@ def main() -> None:
     sink: list = []
     benchmark.emit(benchmark.machine(), sink)
     runners, setups = {}, {}
-    for name, extra, old_attention, old_loss in VARIANTS:
+    for name, extra, old_attention, old_loss, fuse_qkv, causal_blocks in VARIANTS:
         setups[name] = setup = benchmark.Setup([*benchmark.PEER_SHAPE, *extra])
-        with patched(old_attention, old_loss):
+        with patched(old_attention, old_loss, fuse_qkv, causal_blocks):
             _, runners[name] = setup.compile()
     times = benchmark.time_interleaved(runners, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
     base = statistics.median(times[VARIANTS[0][0]]["wall"])
-    for name, _, _, _ in VARIANTS:
+    for name, *_ in VARIANTS:
         wall = statistics.median(times[name]["wall"])
         benchmark.emit({"measure": "ablation", "impl": name, **setups[name].describe(), "step_ms": 1e3 * wall,
                         "cpu_ms": 1e3 * statistics.median(times[name]["cpu"]),
                         "tokens_per_s": setups[name].plan.tokens_per_step / wall,
-                        "step_time_vs_before": wall / base}, sink)
+                        "step_time_vs_before": wall / base, "loadavg_1m": os.getloadavg()[0]}, sink)
 
 
 if __name__ == "__main__":
