@@ -232,10 +232,14 @@ def synthetic_records() -> list[dict]:
                     "tokens": int(d), "total_steps": 100, "corpus_train_tokens": int(1e12), "epochs": d / 1e12,
                     "val_loss": loss, "val_bits_per_byte": loss / 2,
                     "continuation_bpb": math.nan if family == "encoder_only" else loss / 2 + shift,
-                    "data_source": "synthetic",
+                    "data_source": "synthetic", "lr": 1e-2,
                 })
+                if family == "decoder_only":  # the same ladder at a worse learning rate: never a main run
+                    recs.append({**recs[-1], "run": f"{family}-s{i}-C{budget}-lr3e-3", "lr": 3e-3,
+                                 "val_loss": recs[-1]["val_loss"] + 0.5})
     for seed in (1, 2):
-        base = next(r for r in recs if r["family"] == "decoder_only" and r["size"] == "s3" and r["budget_flops"] == 1e21)
+        base = next(r for r in recs if r["family"] == "decoder_only" and r["size"] == "s3" and r["budget_flops"] == 1e21
+                    and r["lr"] == 1e-2)
         recs.append({**base, "experiment": "scaling_seeds", "run": f"seed{seed}", "seed": seed,
                      "val_loss": base["val_loss"] * (1 + 0.002 * seed)})
     return recs
@@ -247,7 +251,7 @@ def test_analysis_command_end_to_end_on_a_known_law(tmp_path, capsys):
     analyze = _load_analyze()
     analyze.SMALL_GRID = {"alpha": (0.3, 0.6), "beta": (0.3, 0.6), "e": (0.5,), "a": (5.0, 10.0), "b": (5.0, 10.0)}
     write_records(tmp_path / "results.csv", synthetic_records())
-    assert len(read_records(tmp_path / "results.csv")) == 3 * 28 + 2
+    assert len(read_records(tmp_path / "results.csv")) == 4 * 28 + 2
     results = analyze.main(["--out", str(tmp_path), "--no-wandb", "--resamples", "10"])
     printed = capsys.readouterr().out
     dec = results["decoder_only"]
@@ -255,6 +259,10 @@ def test_analysis_command_end_to_end_on_a_known_law(tmp_path, capsys):
     assert a["value"] == pytest.approx(0.45, abs=0.03) and a["ci95"][0] <= a["value"] <= a["ci95"][1]
     assert abs(dec["predictability"]["relative_error"]) < 0.03
     assert dec["seed_spread"][0]["seeds"] == [0, 1, 2]
+    # Each size's rate is the better one at the smallest budget; the worse ladder is reported apart.
+    assert {e["chosen"] for e in results["lr_sweep"]["decoder_only"].values()} == {1e-2}
+    assert dec["n_runs"] == 28 and results["untuned_lr"]["decoder_only"]["lr"] == 3e-3
+    assert "learning rate per size, decoder_only" in printed and "(untuned)" in printed
     assert set(results["families"]) == {"decoder_only", "encoder_decoder", "encoder_only"}
     assert "continuation_bpb_of_C" not in results["families"]["encoder_only"]
     for name in ("loss_vs_flops_decoder", "isoflop_decoder_total", "isoflop_decoder_non_embedding",

@@ -22,7 +22,7 @@ FIELDS = (
     "experiment", "run", "family", "objective", "size", "seed", "budget_flops",
     "params_total", "params_non_embedding", "flops_per_token", "flops_per_token_non_embedding",
     "C_total", "C_non_embedding", "tokens", "total_steps", "corpus_train_tokens", "epochs",
-    "val_loss", "val_bits_per_byte", "continuation_bpb", "data_source",
+    "val_loss", "val_bits_per_byte", "continuation_bpb", "data_source", "lr",
 )
 
 
@@ -76,7 +76,7 @@ def read_run(run_dir: str | Path, *, continuation: bool = True) -> dict | None:
         "tokens": tokens, "total_steps": int(summary["total_steps"]), "corpus_train_tokens": train_tokens,
         "epochs": tokens / train_tokens, "val_loss": float(summary["val/loss"]),
         "val_bits_per_byte": float(summary.get("val/bits_per_byte", math.nan)),
-        "continuation_bpb": math.nan, "data_source": cfg.data.source,
+        "continuation_bpb": math.nan, "data_source": cfg.data.source, "lr": float(cfg.optimizer.lr),
     }
     if continuation:
         from archlab.scaling.continuation import run_continuation_bpb
@@ -96,7 +96,7 @@ def write_records(path: str | Path, records: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = sorted(records, key=lambda r: (r["experiment"], r["family"], float(r["budget_flops"]),
-                                          float(r["params_total"]), int(r["seed"])))
+                                          float(r["params_total"]), int(r["seed"]), float(r.get("lr", 0) or 0)))
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

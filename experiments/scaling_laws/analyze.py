@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from archlab.errors import ConfigError  # noqa: E402
+from archlab.errors import CheckpointError, ConfigError  # noqa: E402
 from archlab.scaling import (  # noqa: E402
     bootstrap, fit_isoflop_profiles, fit_power_law, plot_isoflop_profiles, plot_loss_vs_flops,
     plot_n_opt_vs_compute, predictability,
@@ -75,9 +75,52 @@ def power_law_summary(fit, boot: dict, key: str = "alpha") -> dict:
             "with_offset": fit.with_offset, "r2": fit.r2, "rmse_log": fit.rmse_log, "n_points": fit.n}
 
 
-def main_runs(recs: list[dict], family: str) -> list[dict]:
+def lr_of(r: dict) -> float | None:
+    """The run's learning rate; None for records written before the CSV had the column."""
+    lr = r.get("lr", math.nan)
+    return None if lr is None or (isinstance(lr, float) and math.isnan(lr)) else float(lr)
+
+
+def family_rows(recs: list[dict], family: str) -> list[dict]:
     exp = FAMILY_EXPERIMENTS[family]
     return [r for r in recs if r["family"] == family and r["experiment"] == exp and r["seed"] == 0]
+
+
+def lr_sweep(recs: list[dict], family: str) -> dict:
+    """Each size's learning rate: the lowest final loss among the rates tried at the smallest budget.
+
+    The sweep is part of the family's own experiment (``run_sweep.py --lrs ... --budgets <smallest>``);
+    a size tried at one rate only keeps that rate.
+    """
+    rows = family_rows(recs, family)
+    if not rows:
+        return {}
+    smallest = min(r["budget_flops"] for r in rows)
+    tried: dict = defaultdict(dict)
+    for r in rows:
+        if r["budget_flops"] == smallest:
+            tried[r["size"]][lr_of(r)] = r["val_loss"]
+    return {size: {"chosen": min(losses, key=losses.get), "budget": smallest, "loss_by_lr": losses}
+            for size, losses in tried.items()}
+
+
+def main_runs(recs: list[dict], family: str) -> list[dict]:
+    """One run per (size, budget): the one at the size's chosen learning rate (``lr_sweep``)."""
+    chosen = {size: entry["chosen"] for size, entry in lr_sweep(recs, family).items()}
+    picked: dict = {}
+    for r in family_rows(recs, family):
+        if r["size"] in chosen and lr_of(r) == chosen[r["size"]]:
+            picked.setdefault((r["size"], r["budget_flops"]), r)  # a rerun of the same config: keep one
+    return list(picked.values())
+
+
+def runs_at_lr(recs: list[dict], family: str, lr: float) -> list[dict]:
+    """The family's ladder at one learning rate for every size (e.g. the untuned 3e-3 of stage 1)."""
+    picked: dict = {}
+    for r in family_rows(recs, family):
+        if lr_of(r) is not None and math.isclose(lr_of(r), lr):
+            picked.setdefault((r["size"], r["budget_flops"]), r)
+    return list(picked.values())
 
 
 def decoder_analysis(recs: list[dict], resamples: int, plots: Path) -> dict:
@@ -153,17 +196,18 @@ def isoflop_summary(N, C, loss, budgets, resamples: int, iso_png: Path, n_opt_pn
 
 
 def seed_spread(recs: list[dict]) -> list[dict]:
+    """Spread of the final loss over seeds at each (size, budget, learning rate) run with several seeds."""
     groups = defaultdict(list)
     for r in recs:
         if r["family"] == "decoder_only" and r["experiment"] in (FAMILY_EXPERIMENTS["decoder_only"], SEED_EXPERIMENT):
-            groups[(r["size"], r["budget_flops"])].append(r)
+            groups[(r["size"], r["budget_flops"], lr_of(r))].append(r)
     out = []
-    for (size, budget), rs in sorted(groups.items()):
+    for (size, budget, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0.0)):
         seeds = sorted({r["seed"] for r in rs})
         if len(seeds) < 2:
             continue
         vals = np.array([next(r["val_loss"] for r in rs if r["seed"] == s) for s in seeds])
-        out.append({"size": size, "budget": budget, "seeds": seeds, "losses": vals.tolist(), "mean": float(vals.mean()),
+        out.append({"size": size, "budget": budget, "lr": lr, "seeds": seeds, "losses": vals.tolist(), "mean": float(vals.mean()),
                     "std": float(vals.std(ddof=1)), "range": float(np.ptp(vals)),
                     "relative_std": float(vals.std(ddof=1) / vals.mean())})
     return out
@@ -213,6 +257,30 @@ def family_analysis(recs: list[dict], resamples: int, plots: Path) -> dict:
     return out
 
 
+UNTUNED_LR = 3e-3  # stage 1's one rate for every size, before the learning-rate sweep
+
+
+def untuned_comparison(recs: list[dict], resamples: int) -> dict:
+    """Each family's frontier with the untuned rate at every size, where a full ladder of it exists."""
+    out = {}
+    for family in FAMILY_EXPERIMENTS:
+        tuned = {(r["size"], r["budget_flops"]) for r in main_runs(recs, family)}
+        runs = runs_at_lr(recs, family, UNTUNED_LR)
+        if len({r["budget_flops"] for r in runs}) < 2 or {(r["size"], r["budget_flops"]) for r in runs} != tuned:
+            continue
+        loss, C, budgets = arrays(runs, "val_loss", "C_total", "budget_flops")
+        fit = fit_frontier(C, loss, budgets)
+        boot = bootstrap(lambda C, loss, budgets: fit_frontier(C, loss, budgets),
+                         {"C": C, "loss": loss, "budgets": budgets}, n_resamples=resamples, seed=0,
+                         group_key="budgets", min_distinct=1)
+        fc, fl = frontier(C, loss, budgets)
+        best = {b: min(runs, key=lambda r: r["val_loss"] if r["budget_flops"] == b else math.inf)
+                for b in sorted({r["budget_flops"] for r in runs})}
+        out[family] = {"lr": UNTUNED_LR, "L_of_C": power_law_summary(fit, boot),
+                       "frontier": [{"budget": b, "size": r["size"], "loss": r["val_loss"]} for b, r in best.items()]}
+    return out
+
+
 def fmt_ci(d: dict) -> str:
     lo, hi = d["ci95"]
     return f"{d['value']:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -220,6 +288,17 @@ def fmt_ci(d: dict) -> str:
 
 def report(results: dict) -> str:
     lines = []
+    for family, sweep in results.get("lr_sweep", {}).items():
+        if not sweep:
+            continue
+        budget = next(iter(sweep.values()))["budget"]
+        cells = []
+        for size, entry in sweep.items():
+            tried = ", ".join(f"{lr:g}: {loss:.3f}" if lr is not None else f"?: {loss:.3f}"
+                              for lr, loss in sorted(entry["loss_by_lr"].items(), key=lambda kv: kv[0] or 0.0))
+            chosen = f"{entry['chosen']:g}" if entry["chosen"] is not None else "?"
+            cells.append(f"{size} -> {chosen} ({tried})")
+        lines.append(f"learning rate per size, {family} (lowest final loss at {budget:.0e} FLOPs): " + "; ".join(cells))
     dec = results.get("decoder_only")
     if dec:
         lines.append(f"decoder-only: {dec['n_runs']} runs, sizes {', '.join(dec['sizes'])}, budgets "
@@ -246,8 +325,14 @@ def report(results: dict) -> str:
                      f"predicted {p['predicted']:.4f}, observed best {p['actual']:.4f}, "
                      f"relative error {100 * p['relative_error']:+.2f}%")
         for s in dec["seed_spread"]:
-            lines.append(f"  seed spread at {s['size']} C={s['budget']:.0e} (seeds {s['seeds']}): mean {s['mean']:.4f}, "
+            lr = f" lr={s['lr']:g}" if s.get("lr") is not None else ""
+            lines.append(f"  seed spread at {s['size']} C={s['budget']:.0e}{lr} (seeds {s['seeds']}): mean {s['mean']:.4f}, "
                          f"std {s['std']:.4f} ({100 * s['relative_std']:.2f}%), range {s['range']:.4f}")
+    for family, entry in results.get("untuned_lr", {}).items():
+        lc = entry["L_of_C"]
+        best = ", ".join(f"{x['budget']:.0e}: {x['size']} {x['loss']:.4f}" for x in entry["frontier"])
+        lines.append(f"{family} with lr {entry['lr']:g} at every size (untuned): alpha_C = {fmt_ci(lc['exponent'])}, "
+                     f"R2 {lc['r2']:.3f}; best per budget {best}")
     for family, entry in results.get("families", {}).items():
         lc = entry["own_objective_L_of_C"]
         lines.append(f"{family} ({entry['objective']}, {entry['n_runs']} runs): own-objective alpha_C = "
@@ -289,6 +374,38 @@ def log_to_wandb(results: dict, plots: Path, csv_path: Path, mode: str) -> None:
     run.finish()
 
 
+def collect(run_dirs: list[Path], old: list[dict]) -> list[dict]:
+    """Records of the finished runs; continuation bits per byte only where the analysis uses it.
+
+    Scoring a continuation restores the final checkpoint (seconds per run), so it is computed
+    for the generative families' main runs and untuned ladder only, not for every rate of the
+    learning-rate sweep; a score already in the CSV for the same run is kept.
+    """
+    from archlab.scaling.continuation import run_continuation_bpb
+
+    known = {(r["experiment"], r["run"]): r.get("continuation_bpb", math.nan) for r in old}
+    pairs = [(d, rec) for d in run_dirs if (rec := read_run(d, continuation=False)) is not None]
+    merged = merge_records(old, [rec for _, rec in pairs])
+    wanted = {(r["experiment"], r["run"]) for family in ("decoder_only", "encoder_decoder")
+              for r in (*main_runs(merged, family), *runs_at_lr(merged, family, UNTUNED_LR))}
+    wanted |= {(r["experiment"], r["run"]) for r in merged if r["experiment"] == SEED_EXPERIMENT}
+    for run_dir, rec in pairs:
+        key = (rec["experiment"], rec["run"])
+        if key not in wanted:
+            continue
+        if math.isfinite(known.get(key, math.nan)):
+            rec["continuation_bpb"] = known[key]
+            continue
+        try:
+            score = run_continuation_bpb(run_dir)
+        except CheckpointError as error:
+            warnings.warn(f"{run_dir}: no continuation score ({error})", stacklevel=2)
+            continue
+        if score is not None:
+            rec["continuation_bpb"] = score.bits_per_byte
+    return [rec for _, rec in pairs]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="run or sweep directories to (re)collect into the CSV")
@@ -300,11 +417,12 @@ def main(argv: list[str] | None = None) -> dict:
     csv_path, plots = args.out / "results.csv", args.out / "plots"
     old = read_records(csv_path) if csv_path.is_file() else []
     if args.runs:
-        new = [rec for d in find_run_dirs(args.runs) if (rec := read_run(d)) is not None]
+        new = collect(find_run_dirs(args.runs), old)
         write_records(csv_path, merge_records(old, new))
         print(f"collected {len(new)} finished runs into {csv_path}")
     recs = read_records(csv_path)
-    results: dict = {}
+    results: dict = {"lr_sweep": {family: lr_sweep(recs, family) for family in FAMILY_EXPERIMENTS}}
+    results["untuned_lr"] = untuned_comparison(recs, resamples=args.resamples)
     if main_runs(recs, "decoder_only"):
         results["decoder_only"] = decoder_analysis(recs, args.resamples, plots)
     results["families"] = family_analysis(recs, args.resamples, plots)

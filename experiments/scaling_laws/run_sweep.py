@@ -42,8 +42,6 @@ def grid(args) -> list[list[str]]:
                 lr = lr or chosen.get(size)
                 if lr is not None:
                     overrides.append(f"optimizer.lr={lr}")
-                if args.lrs:  # a learning-rate sweep: one directory per rate
-                    overrides.append(f"run.name=${{model.family}}-${{size_name}}-lr{lr}-C${{run.flops}}-s${{run.seed}}")
                 runs.append(overrides)
     return runs
 
