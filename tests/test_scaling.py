@@ -265,3 +265,15 @@ def test_plots_write_png_files(tmp_path):
     p4 = plot_isoflop_profiles(N, C, loss, tmp_path / "isoflop_refit.png")
     for path in (p1, p2, p3, p4):
         assert _is_png(path), path
+
+
+def test_no_compute_optimal_allocation_without_two_positive_terms():
+    """A fit whose data term has a negative exponent has no finite optimum: a clear error, not NaN."""
+    from archlab.scaling.fits import ChinchillaFit
+
+    good = ChinchillaFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, objective=0.0, n=10, n_starts=1)
+    n_opt, d_opt = good.optimal_allocation(1e21)
+    assert n_opt > 0 and d_opt > 0
+    bad = ChinchillaFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=-0.05, objective=0.0, n=10, n_starts=1)
+    with pytest.raises(ConfigError, match="no compute-optimal allocation"):
+        bad.optimal_allocation(1e21)

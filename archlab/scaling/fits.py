@@ -217,6 +217,11 @@ class ChinchillaFit:
         self, C: ArrayLike | float, flops_per_token: float = 6.0
     ) -> tuple[np.ndarray, np.ndarray]:
         """(N_opt, D_opt) minimising the fitted loss under ``C = flops_per_token * N * D``."""
+        if not (self.alpha > 0 and self.beta > 0 and self.A > 0 and self.B > 0):
+            raise ConfigError(
+                f"the fit has alpha={self.alpha:.3g}, beta={self.beta:.3g}, A={self.A:.3g}, B={self.B:.3g}: "
+                "without two positive terms the loss has no compute-optimal allocation"
+            )
         c = np.asarray(C, dtype=float) / flops_per_token
         n_opt = self.G * c**self.a
         return n_opt, c / n_opt

@@ -151,12 +151,26 @@ def decoder_analysis(recs: list[dict], resamples: int, plots: Path) -> dict:
     # Predictability: Chinchilla approach 3 on every budget but the largest, at the largest budget's optimum.
     N, C = arrays(runs, "params_total", "C_total")
     fpt_per_param = float(np.median([r["flops_per_token"] / r["params_total"] for r in runs]))
-    # predictability raises ConfigError when fewer than 5 runs lie below the largest budget.
-    pred = predictability(N, C, loss, D=tokens, method="chinchilla", budgets=budgets,
-                          flops_per_token=fpt_per_param, init_grid=SMALL_GRID)
-    out["predictability"] = {"method": "chinchilla approach 3 (total convention)", "predicted": pred.predicted,
-                             "actual": pred.actual, "relative_error": pred.relative_error,
-                             "held_out_budget": max(budgets), "n_train_runs": pred.n_train}
+    out["predictability"] = []
+    try:
+        pred = predictability(N, C, loss, D=tokens, method="chinchilla", budgets=budgets,
+                              flops_per_token=fpt_per_param, init_grid=SMALL_GRID)
+        out["predictability"].append({
+            "method": "chinchilla approach 3 (total convention)", "predicted": pred.predicted, "actual": pred.actual,
+            "relative_error": pred.relative_error, "held_out_budget": max(budgets), "n_train_runs": pred.n_train})
+    except ConfigError as error:  # e.g. a fitted exponent <= 0: no compute-optimal point to predict at
+        out["predictability"].append({"method": "chinchilla approach 3 (total convention)", "error": str(error),
+                                      "held_out_budget": max(budgets)})
+    # The frontier's own power law through the smaller budgets' best runs, extrapolated (no offset:
+    # two or three points cannot separate E).
+    fc, fl = frontier(C, loss, budgets)
+    if fc.size >= 3:
+        fit = fit_power_law(fc[:-1], fl[:-1], with_offset=fc.size - 1 >= 4)
+        predicted = float(fit.predict(fc[-1]))
+        out["predictability"].append({
+            "method": f"L(C) frontier power law through {fc.size - 1} smaller budgets", "predicted": predicted,
+            "actual": float(fl[-1]), "relative_error": (predicted - fl[-1]) / fl[-1], "held_out_budget": max(budgets),
+            "n_train_runs": int(fc.size - 1)})
     out["seed_spread"] = seed_spread(recs)
     return out
 
@@ -176,6 +190,8 @@ def isoflop_summary(N, C, loss, budgets, resamples: int, iso_png: Path, n_opt_pn
            "a": {"value": math.nan, "ci95": [math.nan, math.nan]}, "b": {"value": math.nan, "ci95": [math.nan, math.nan]}}
     if iso is None:
         out["reason"] = reason
+        for stale in (iso_png, n_opt_png):  # a plot of an earlier analysis would contradict this one
+            stale.unlink(missing_ok=True)
         return out
     try:
         with warnings.catch_warnings():
@@ -222,7 +238,10 @@ def family_analysis(recs: list[dict], resamples: int, plots: Path) -> dict:
         if len({r["budget_flops"] for r in runs}) < 2:
             continue
         loss, C, budgets = arrays(runs, "val_loss", "C_total", "budget_flops")
-        entry = {"objective": runs[0]["objective"], "n_runs": len(runs)}
+        entry = {"objective": runs[0]["objective"], "n_runs": len(runs),
+                 "runs": [{"budget": r["budget_flops"], "size": r["size"], "lr": lr_of(r), "steps": r["total_steps"],
+                           "loss": r["val_loss"], "continuation_bpb": r["continuation_bpb"]}
+                          for r in sorted(runs, key=lambda r: (r["budget_flops"], r["params_total"]))]}
         fit = fit_frontier(C, loss, budgets)
         boot = bootstrap(lambda C, loss, budgets: fit_frontier(C, loss, budgets),
                          {"C": C, "loss": loss, "budgets": budgets}, n_resamples=resamples, seed=0,
@@ -320,10 +339,13 @@ def report(results: dict) -> str:
                 where = "inside" if p["vertex_in_range"] else ("outside" if p["curvature_ok"] else "no minimum:")
                 lines.append(f"      C={p['C']:.3g}: N_opt={p['N_opt']:.3g} L_opt={p['L_opt']:.4f} ({where} "
                              f"the sampled sizes {p['N_range'][0]:.3g}-{p['N_range'][1]:.3g})")
-        p = dec["predictability"]
-        lines.append(f"  predictability ({p['method']}, {p['n_train_runs']} runs below {p['held_out_budget']:.0e}): "
-                     f"predicted {p['predicted']:.4f}, observed best {p['actual']:.4f}, "
-                     f"relative error {100 * p['relative_error']:+.2f}%")
+        for p in dec["predictability"]:
+            if "error" in p:
+                lines.append(f"  predictability ({p['method']}) at {p['held_out_budget']:.0e}: not defined ({p['error']})")
+                continue
+            lines.append(f"  predictability ({p['method']}, {p['n_train_runs']} runs below {p['held_out_budget']:.0e}): "
+                         f"predicted {p['predicted']:.4f}, observed best {p['actual']:.4f}, "
+                         f"relative error {100 * p['relative_error']:+.2f}%")
         for s in dec["seed_spread"]:
             lr = f" lr={s['lr']:g}" if s.get("lr") is not None else ""
             lines.append(f"  seed spread at {s['size']} C={s['budget']:.0e}{lr} (seeds {s['seeds']}): mean {s['mean']:.4f}, "
@@ -335,8 +357,13 @@ def report(results: dict) -> str:
                      f"R2 {lc['r2']:.3f}; best per budget {best}")
     for family, entry in results.get("families", {}).items():
         lc = entry["own_objective_L_of_C"]
-        lines.append(f"{family} ({entry['objective']}, {entry['n_runs']} runs): own-objective alpha_C = "
+        lines.append(f"{family} ({entry['objective']}, {entry['n_runs']} runs; per budget: size loss[/continuation "
+                     f"bits per byte] (updates)): own-objective alpha_C = "
                      f"{fmt_ci(lc['exponent'])}, R2 {lc['r2']:.3f}")
+        for budget in sorted({r["budget"] for r in entry["runs"]}):
+            cells = [f"{r['size']} {r['loss']:.3f}" + (f"/{r['continuation_bpb']:.3f}" if math.isfinite(r["continuation_bpb"]) else "")
+                     + f" ({r['steps']} steps)" for r in entry["runs"] if r["budget"] == budget]
+            lines.append(f"  C={budget:.0e}: " + ", ".join(cells))
         if "continuation_bpb_of_C" in entry:
             g = entry["continuation_bpb_of_C"]
             frontier_txt = ", ".join(f"{x['C']:.2g}: {x['bpb']:.3f}" for x in entry["continuation_bpb_frontier"])
