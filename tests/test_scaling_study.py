@@ -271,3 +271,35 @@ def test_analysis_command_end_to_end_on_a_known_law(tmp_path, capsys):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
     assert (tmp_path / "fits.json").is_file()
     assert "IsoFLOP N_opt ~ C^a: a = " in printed and "relative error" in printed
+
+
+def test_sweep_runner_grid_and_learning_rate_choice(tmp_path):
+    """run_sweep.py: sizes x budgets x rates as override lists; --lr-from gives each size its rate;
+    --pick-lr keeps, per size, the rate with the lowest final loss."""
+    import argparse
+    import json
+
+    spec = importlib.util.spec_from_file_location("run_sweep", REPO / "experiments/scaling_laws/run_sweep.py")
+    run_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_sweep)
+
+    args = argparse.Namespace(overrides=["sweep=scaling_decoder"], sizes="nano,micro", budgets="1e11,3e11",
+                              lrs="3e-3,1e-2", lr_from=None)
+    runs = run_sweep.grid(args)
+    assert len(runs) == 8 and len({tuple(r) for r in runs}) == 8
+    assert ["sweep=scaling_decoder", "size=micro", "run.flops=3e11", "optimizer.lr=1e-2"] in runs
+
+    (tmp_path / "lr.json").write_text(json.dumps({"nano": "3e-2", "micro": "1e-2"}))
+    args = argparse.Namespace(overrides=[], sizes="nano,micro", budgets="1e12", lrs=None, lr_from=str(tmp_path / "lr.json"))
+    assert run_sweep.grid(args) == [["size=nano", "run.flops=1e12", "optimizer.lr=3e-2"],
+                                    ["size=micro", "run.flops=1e12", "optimizer.lr=1e-2"]]
+
+    dirs = {}
+    for size, lr, loss in (("nano", "3e-3", 5.6), ("nano", "1e-2", 5.1), ("micro", "3e-3", 5.4), ("micro", "1e-2", 5.7)):
+        run_dir = tmp_path / f"{size}-{lr}"
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps({"val/loss": loss}))
+        (run_dir / "config.yaml").write_text(f"size_name: {size}\n")
+        dirs[f"size={size}|optimizer.lr={lr}"] = run_dir
+    assert run_sweep.pick_lr(dirs, tmp_path / "choice.json") == {"nano": "1e-2", "micro": "3e-3"}
+    assert json.loads((tmp_path / "choice.json").read_text()) == {"nano": "1e-2", "micro": "3e-3"}
