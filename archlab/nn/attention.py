@@ -208,7 +208,7 @@ def cudnn_refusal(q_len: int, kv_len: int, head_dim: int) -> str | None:
     """
     if q_len % 64 or kv_len % 64:
         return f"sequence lengths must be multiples of 64 for its backward pass, got Q {q_len}, KV {kv_len}"
-    if head_dim not in (64, 128) and head_dim % 8:
+    if head_dim % 8:
         return f"head dimension {head_dim} is not a multiple of 8"
     return None
 

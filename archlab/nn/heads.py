@@ -44,16 +44,12 @@ class LMHead(nnx.Module):
 
     def __call__(self, hidden_BTD: Array, token_table: Embedding) -> Array:
         features_BTD = self.features(hidden_BTD)
-        if self.tied:
-            logits_BTV = token_table.attend(features_BTD, self.pad_multiple)
-        else:
-            lead_shape = features_BTD.shape[:-1]
-            x_MD = features_BTD.reshape(-1, features_BTD.shape[-1]).astype(self.output.dtype)
-            w_DV = self.output.kernel[...].astype(self.output.dtype)
-            logits_BTV = project_padded(x_MD, w_DV, self.pad_multiple).reshape(*lead_shape, w_DV.shape[1])
-        if self.bias is not None:
-            logits_BTV = logits_BTV + self.bias[...].astype(logits_BTV.dtype)
-        return logits_BTV
+        table_VD, bias_V = self.output_weights(token_table)
+        x_MD = features_BTD.reshape(-1, features_BTD.shape[-1]).astype(table_VD.dtype)
+        logits_MV = project_padded(x_MD, table_VD.T, self.pad_multiple)
+        if bias_V is not None:
+            logits_MV = logits_MV + bias_V
+        return logits_MV.reshape(*features_BTD.shape[:-1], logits_MV.shape[-1])
 
     def features(self, hidden_BTD: Array) -> Array:
         """What the output matrix multiplies: the hidden states after the MLM transform / T5 scale."""
@@ -66,8 +62,8 @@ class LMHead(nnx.Module):
     def output_weights(self, token_table: Embedding) -> tuple[Array, Array | None]:
         """``(table_VD, bias_V or None)`` in the compute dtype: ``logits = features @ table_VD.T + bias``.
 
-        For a fused head-and-loss (``objectives.losses.head_cross_entropy_and_accuracy``), which
-        never materialises the logits; ``__call__`` gives the same logits directly.
+        ``__call__`` multiplies by them; the fused head-and-loss
+        (``objectives.losses.head_cross_entropy_and_accuracy``) reads them without materialising the logits.
         """
         if self.tied:
             table_VD = token_table.embedding[...].astype(token_table.dtype)

@@ -66,7 +66,7 @@ def fused_dense(denses: tuple[Dense, ...], x: Array) -> tuple[Array, ...]:
 
 
 class Embedding(nnx.Module):
-    """Token (or position / token-type) table; ``attend`` reuses it as a tied output layer."""
+    """Token (or position / token-type) table; a tied LM head reuses it as its output matrix."""
 
     def __init__(self, n_rows: int, d_model: int, *, std: float, dtype, rngs: nnx.Rngs):
         self.embedding = nnx.Param(normal_init(std)(rngs.params(), (n_rows, d_model), jnp.float32))
@@ -74,13 +74,6 @@ class Embedding(nnx.Module):
 
     def __call__(self, ids: Array) -> Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
-
-    def attend(self, x_BTD: Array, pad_multiple: int = 1) -> Array:
-        """Logits against every row: ``x @ embedding.T`` (see ``project_padded``)."""
-        lead_shape = x_BTD.shape[:-1]
-        x_MD = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(self.dtype)
-        logits_MV = project_padded(x_MD, self.embedding[...].astype(self.dtype).T, pad_multiple)
-        return logits_MV.reshape(*lead_shape, logits_MV.shape[-1])
 
 
 def project_padded(x_MD: Array, w_DV: Array, pad_multiple: int) -> Array:
