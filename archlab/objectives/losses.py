@@ -61,14 +61,23 @@ def cross_entropy_and_accuracy(
     return loss_sum, correct_sum, jnp.sum(weights_M)
 
 
-def _cross_entropy_forward(logits_MV, targets_M, weights_M):
+def _loss_terms(logits_MV, targets_M, weights_M):
+    """``(loss sum, correct sum, shift_M, exp_MV, total_M)``: the two sums, and the pieces of the
+    softmax ``exp_MV / total_M`` with ``exp_MV = exp(logits - shift)``, for a gradient to reuse."""
     max_M = jnp.max(logits_MV, axis=-1)
     shift_M = jnp.where(jnp.isfinite(max_M), max_M, 0.0)  # as jax.nn.logsumexp: an inf row stays inf, not NaN
-    log_normalizer_M = shift_M + jnp.log(jnp.sum(jnp.exp(logits_MV - shift_M[:, None]), axis=-1))
+    exp_MV = jnp.exp(logits_MV - shift_M[:, None])
+    total_M = jnp.sum(exp_MV, axis=-1)
     target_logit_M = jnp.take_along_axis(logits_MV, targets_M[:, None], axis=-1)[:, 0]
     live_M = weights_M != 0  # weight-0 positions contribute exactly 0, even with non-finite logits
-    loss_sum = jnp.sum(jnp.where(live_M, (log_normalizer_M - target_logit_M) * weights_M, 0.0))
+    loss_sum = jnp.sum(jnp.where(live_M, (shift_M + jnp.log(total_M) - target_logit_M) * weights_M, 0.0))
     correct_sum = jnp.sum(jnp.where(live_M & (target_logit_M == max_M), weights_M, 0.0))
+    return loss_sum, correct_sum, shift_M, exp_MV, total_M
+
+
+def _cross_entropy_forward(logits_MV, targets_M, weights_M):
+    loss_sum, correct_sum, shift_M, _, total_M = _loss_terms(logits_MV, targets_M, weights_M)
+    log_normalizer_M = shift_M + jnp.log(total_M)
     return (loss_sum, correct_sum), (logits_MV, log_normalizer_M, targets_M, weights_M)
 
 
@@ -142,17 +151,11 @@ def _head_chunks(features_MD, table_VD, bias_V, targets_M, weights_M, chunk: int
         logits_CV = jax.lax.dot_general(features_CD, table_VD, contract_last, preferred_element_type=jnp.float32)
         if bias_V is not None:
             logits_CV = logits_CV + bias_V.astype(jnp.float32)
-        max_C = jnp.max(logits_CV, axis=-1)
-        shift_C = jnp.where(jnp.isfinite(max_C), max_C, 0.0)
-        exp_CV = jnp.exp(logits_CV - shift_C[:, None])
-        total_C = jnp.sum(exp_CV, axis=-1)
-        target_logit_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0]
-        live_C = weights_C != 0
-        loss = jnp.sum(jnp.where(live_C, (shift_C + jnp.log(total_C) - target_logit_C) * weights_C, 0.0))
-        correct = jnp.sum(jnp.where(live_C & (target_logit_C == max_C), weights_C, 0.0))
+        loss, correct, _, exp_CV, total_C = _loss_terms(logits_CV, targets_C, weights_C)
         sums = (carry[0] + loss, carry[1] + correct)
         if not with_grads:
             return (*sums, *carry[2:]), None
+        live_C = weights_C != 0
         index_CV = jax.lax.broadcasted_iota(jnp.int32, logits_CV.shape, 1)
         scale_C = jnp.where(live_C, weights_C / total_C, 0.0)
         d_logits_CV = (exp_CV * scale_C[:, None]) - jnp.where(index_CV == targets_C[:, None], weights_C[:, None], 0.0)
