@@ -79,16 +79,20 @@ def read_run(run_dir: str | Path, *, continuation: bool = True) -> dict | None:
         "continuation_bpb": math.nan, "data_source": cfg.data.source, "lr": float(cfg.optimizer.lr),
     }
     if continuation:
-        from archlab.scaling.continuation import run_continuation_bpb
-
-        try:
-            score = run_continuation_bpb(run_dir)
-        except CheckpointError as error:  # e.g. a checkpoint format older or newer than this code
-            warnings.warn(f"{run_dir}: no continuation score ({error})", stacklevel=2)
-            score = None
-        if score is not None:
-            record["continuation_bpb"] = score.bits_per_byte
+        record["continuation_bpb"] = continuation_bpb(run_dir)
     return record
+
+
+def continuation_bpb(run_dir: str | Path) -> float:
+    """The run's continuation bits per byte; NaN for an encoder-only run or an unreadable checkpoint."""
+    from archlab.scaling.continuation import run_continuation_bpb
+
+    try:
+        score = run_continuation_bpb(run_dir)
+    except CheckpointError as error:  # e.g. a checkpoint format older or newer than this code
+        warnings.warn(f"{run_dir}: no continuation score ({error})", stacklevel=2)
+        return math.nan
+    return math.nan if score is None else score.bits_per_byte
 
 
 def write_records(path: str | Path, records: list[dict]) -> Path:

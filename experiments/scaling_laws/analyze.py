@@ -28,12 +28,14 @@ import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from archlab.errors import CheckpointError, ConfigError  # noqa: E402
+from archlab.errors import ConfigError  # noqa: E402
 from archlab.scaling import (  # noqa: E402
     bootstrap, fit_isoflop_profiles, fit_power_law, plot_isoflop_profiles, plot_loss_vs_flops,
     plot_n_opt_vs_compute, predictability,
 )
-from archlab.scaling.records import find_run_dirs, merge_records, read_records, read_run, write_records  # noqa: E402
+from archlab.scaling.records import (  # noqa: E402
+    continuation_bpb, find_run_dirs, merge_records, read_records, read_run, write_records,
+)
 
 HERE = Path(__file__).resolve().parent
 FAMILY_EXPERIMENTS = {"decoder_only": "scaling_decoder", "encoder_decoder": "scaling_encoder_decoder",
@@ -165,8 +167,8 @@ def decoder_analysis(recs: list[dict], resamples: int, plots: Path) -> dict:
     # two or three points cannot separate E).
     fc, fl = frontier(C, loss, budgets)
     if fc.size >= 3:
-        fit = fit_power_law(fc[:-1], fl[:-1], with_offset=fc.size - 1 >= 4)
-        predicted = float(fit.predict(fc[-1]))
+        below = budgets < budgets.max()
+        predicted = float(fit_frontier(C[below], loss[below], budgets[below]).predict(fc[-1]))
         out["predictability"].append({
             "method": f"L(C) frontier power law through {fc.size - 1} smaller budgets", "predicted": predicted,
             "actual": float(fl[-1]), "relative_error": (predicted - fl[-1]) / fl[-1], "held_out_budget": max(budgets),
@@ -292,7 +294,6 @@ def untuned_comparison(recs: list[dict], resamples: int) -> dict:
         boot = bootstrap(lambda C, loss, budgets: fit_frontier(C, loss, budgets),
                          {"C": C, "loss": loss, "budgets": budgets}, n_resamples=resamples, seed=0,
                          group_key="budgets", min_distinct=1)
-        fc, fl = frontier(C, loss, budgets)
         best = {b: min(runs, key=lambda r: r["val_loss"] if r["budget_flops"] == b else math.inf)
                 for b in sorted({r["budget_flops"] for r in runs})}
         out[family] = {"lr": UNTUNED_LR, "L_of_C": power_law_summary(fit, boot),
@@ -408,8 +409,6 @@ def collect(run_dirs: list[Path], old: list[dict]) -> list[dict]:
     for the generative families' main runs and untuned ladder only, not for every rate of the
     learning-rate sweep; a score already in the CSV for the same run is kept.
     """
-    from archlab.scaling.continuation import run_continuation_bpb
-
     known = {(r["experiment"], r["run"]): r.get("continuation_bpb", math.nan) for r in old}
     pairs = [(d, rec) for d in run_dirs if (rec := read_run(d, continuation=False)) is not None]
     merged = merge_records(old, [rec for _, rec in pairs])
@@ -420,16 +419,8 @@ def collect(run_dirs: list[Path], old: list[dict]) -> list[dict]:
         key = (rec["experiment"], rec["run"])
         if key not in wanted:
             continue
-        if math.isfinite(known.get(key, math.nan)):
-            rec["continuation_bpb"] = known[key]
-            continue
-        try:
-            score = run_continuation_bpb(run_dir)
-        except CheckpointError as error:
-            warnings.warn(f"{run_dir}: no continuation score ({error})", stacklevel=2)
-            continue
-        if score is not None:
-            rec["continuation_bpb"] = score.bits_per_byte
+        known_score = known.get(key, math.nan)
+        rec["continuation_bpb"] = known_score if math.isfinite(known_score) else continuation_bpb(run_dir)
     return [rec for _, rec in pairs]
 
 
