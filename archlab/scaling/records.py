@@ -52,14 +52,23 @@ def corpus_train_tokens(run_dir: Path, cfg) -> int:
     return _CORPUS_TOKENS[key]
 
 
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether the run reached its last step and wrote its final validation loss."""
+    summary_path = Path(run_dir) / "summary.json"
+    if not summary_path.is_file():
+        return False
+    summary = json.loads(summary_path.read_text())
+    return summary.get("step") == summary.get("total_steps") and "val/loss" in summary
+
+
 def read_run(run_dir: str | Path, *, continuation: bool = True) -> dict | None:
     """The record of a finished run; None when it stopped before its last step."""
     from archlab.evaluate import load_train_config
 
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    if summary.get("step") != summary.get("total_steps") or "val/loss" not in summary:
+    if not run_finished(run_dir):
         return None
+    summary = json.loads((run_dir / "summary.json").read_text())
     cfg = load_train_config(run_dir)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     c_total = float(summary["train_flops_total"])

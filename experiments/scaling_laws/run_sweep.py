@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from archlab.scaling.records import run_finished
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -46,6 +48,9 @@ def grid(args) -> list[list[str]]:
     return runs
 
 
+_CORPORA: dict = {}
+
+
 def plan_of(overrides: list[str]) -> tuple[Path, float]:
     """(run directory, epochs it would read) without training."""
     from benchmark import compose
@@ -53,18 +58,14 @@ def plan_of(overrides: list[str]) -> tuple[Path, float]:
     from archlab.train.setup import load_corpus, make_plan, row_length_for
 
     cfg = compose([*overrides, "logger=none"])
-    corpus = load_corpus(cfg.data, row_length_for(cfg))
+    key = json.dumps([cfg.data.source, dict(cfg.data.options), cfg.data.vocab_size, row_length_for(cfg)], sort_keys=True)
+    if key not in _CORPORA:  # one tokenized corpus per data config, not one per run
+        _CORPORA[key] = load_corpus(cfg.data, row_length_for(cfg))
+    corpus = _CORPORA[key]
     plan = make_plan(cfg, corpus.tokenizer.vocab_size)
-    run_dir = Path(cfg.run.dir) if cfg.run.dir else REPO / "runs" / cfg.experiment / cfg.run.name
+    # As conf/train.yaml's hydra.run.dir, anchored at the repository (the runs' working directory).
+    run_dir = REPO / (cfg.run.dir or Path("runs") / cfg.experiment / cfg.run.name)
     return run_dir, plan.token_budget / corpus.train.n_tokens
-
-
-def finished(run_dir: Path) -> bool:
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        return False
-    data = json.loads(summary.read_text())
-    return data.get("step") == data.get("total_steps") and "val/loss" in data
 
 
 def launch(overrides: list[str], cores: list[int] | None, log_path: Path) -> subprocess.Popen:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         key = "|".join(overrides)
         if epochs > args.max_epochs:
             skipped.append({"run": run_dir.name, "epochs": round(epochs, 2)})
-        elif finished(run_dir):
+        elif run_finished(run_dir):
             done[key] = run_dir
         else:
             pending.append((key, overrides, run_dir))
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             del running[slot]
             free_slots.append(slot)
-            ok = process.returncode == 0 and finished(run_dir)
+            ok = process.returncode == 0 and run_finished(run_dir)
             print(json.dumps({"run": run_dir.name, "ok": ok, "seconds": round(time.perf_counter() - start, 1)}),
                   flush=True)
             if ok:
