@@ -152,7 +152,6 @@ RETIRED_STATE_KEYS = ("nonfinite_kind",)
 
 def _retired_keys(saved: PyTree, wanted: PyTree) -> list[str]:
     """Retired entries the stored state holds and the requested one lacks."""
-    saved = getattr(saved, "tree", saved)  # orbax's tree metadata wraps a dict
     if not (isinstance(saved, Mapping) and isinstance(wanted, Mapping)):
         return []
     return [k for k in RETIRED_STATE_KEYS if k in saved and k not in wanted]
@@ -348,9 +347,10 @@ class Checkpointer:
         except Exception as e:  # whatever orbax raises on unreadable metadata
             self._unusable.add(step)
             raise _Unusable(f"state metadata unreadable ({_describe(e)})") from None
-        retired = _retired_keys(saved, abstract_state)
+        saved_tree = getattr(saved, "tree", saved)  # orbax's tree metadata wraps a dict
+        retired = _retired_keys(saved_tree, abstract_state)
         if retired:  # restore them as stored, then drop them: older checkpoints stay readable
-            abstract_state = {**abstract_state, **{k: _abstract_leaf(saved.tree[k]) for k in retired}}
+            abstract_state = {**abstract_state, **{k: _abstract_leaf(saved_tree[k]) for k in retired}}
         if (mismatch := _structure_mismatch(saved, abstract_state)) is not None:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match the expected state: {mismatch}."
