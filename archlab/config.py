@@ -110,18 +110,14 @@ class ModelConfig:
         """``remat`` with ``auto`` resolved for the default JAX backend: ``dots_no_batch`` on a CPU or GPU, else ``none``."""
         if self.remat != "auto":
             return self.remat
-        import jax
-
-        return "dots_no_batch" if jax.default_backend() in ("cpu", "gpu") else "none"
+        return "dots_no_batch" if _default_backend() in ("cpu", "gpu") else "none"
 
     @property
     def head_chunk_size(self) -> int:
         """``head_chunk`` with -1 (auto) resolved for the default JAX backend: 512 on the CPU, else 0."""
         if self.head_chunk != -1:
             return self.head_chunk
-        import jax
-
-        return 512 if jax.default_backend() == "cpu" else 0
+        return 512 if _default_backend() == "cpu" else 0
 
     @property
     def is_gated(self) -> bool:
@@ -129,6 +125,13 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _default_backend() -> str:
+    """JAX's default backend, imported late: configs are validated before JAX loads (cli.py)."""
+    import jax
+
+    return jax.default_backend()
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -191,10 +191,10 @@ def bench_train(setup: Setup, args, sink: list, peers: bool) -> None:
     info["archlab"] = {"describe": setup.describe(), **compile_info, **peak_memory_mb()}
     for variant in args.variant:
         extra = variant.split()
-        variant_setup = Setup([*setup.overrides, *extra])
-        setups[f"archlab {' '.join(extra)}"] = variant_setup  # its own tokens and FLOPs per step
-        compile_info, runners[f"archlab {' '.join(extra)}"] = variant_setup.compile()
-        info[f"archlab {' '.join(extra)}"] = {"describe": variant_setup.describe(), **compile_info}
+        name = f"archlab {' '.join(extra)}"
+        setups[name] = variant_setup = Setup([*setup.overrides, *extra])  # its own tokens and FLOPs per step
+        compile_info, runners[name] = variant_setup.compile()
+        info[name] = {"describe": variant_setup.describe(), **compile_info}
     if peers:
         import benchmark_peers
 
