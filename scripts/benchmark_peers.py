@@ -85,7 +85,8 @@ def torch_step(cfg: ModelConfig, opt: OptimizerConfig, schedule, tokens_BT: np.n
     return run_one_step, 0.0
 
 
-def flax_step(cfg: ModelConfig, opt: OptimizerConfig, schedule, tokens_BT: np.ndarray) -> tuple[Callable[[], float], float]:
+def flax_train_step(cfg: ModelConfig, opt: OptimizerConfig, schedule) -> tuple[Callable, dict, object]:
+    """The Flax peer's un-jitted ``train_step(params, opt_state, ids_BT)``, its parameters and optimizer state."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -105,9 +106,17 @@ def flax_step(cfg: ModelConfig, opt: OptimizerConfig, schedule, tokens_BT: np.nd
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    params = jax.tree.map(jnp.copy, model.params)
+    return train_step, params, tx.init(params)
+
+
+def flax_step(cfg: ModelConfig, opt: OptimizerConfig, schedule, tokens_BT: np.ndarray) -> tuple[Callable[[], float], float]:
+    import jax
+    import jax.numpy as jnp
+
+    train_step, params, opt_state = flax_train_step(cfg, opt, schedule)
     ids = jnp.asarray(tokens_BT, jnp.int32)
-    carry = [jax.tree.map(jnp.copy, model.params), None]
-    carry[1] = tx.init(carry[0])
+    carry = [params, opt_state]
     start = time.perf_counter()
     compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(carry[0], carry[1], ids).compile()
     compile_s = time.perf_counter() - start

@@ -1,0 +1,197 @@
+"""How far each train step is from its own matmul floor, archlab and the Hugging Face Flax peer.
+
+    python experiments/throughput/matmul_floor.py [overrides ...] [--rounds 5 --repeats 15 --torch]
+
+Walks the jaxpr of each train step (archlab's, as ``scripts/benchmark.py`` compiles it, and the
+``FlaxGPT2LMHeadModel`` + optax step of ``scripts/benchmark_peers.py``), collects every
+``dot_general`` with its shapes, dimension numbers and how often it runs (scan lengths included),
+and times each distinct product alone, jitted, in this process. The sum is the step's *matmul
+floor*: the time its products take when each runs by itself with both cores, no fusion
+neighbours and warm memory. The whole steps are then timed interleaved, as ``--peer`` does, and
+the difference is everything else (norms, activations, softmax, the loss, the optimizer, copies,
+page faults, idle cores). ``--torch`` also times every product with ``torch.einsum`` (MKL/oneDNN),
+the same arithmetic through the BLAS the PyTorch peer uses.
+
+Prints a JSON line per distinct product and one per impl, then Markdown: the floors, what a ratio
+target implies (the step time archlab would need, and how much time beside its matmul floor that
+leaves), and archlab's products one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import benchmark  # noqa: E402
+import benchmark_peers  # noqa: E402
+
+DotKey = tuple  # (lhs shape, rhs shape, dtype name, dimension numbers, preferred element type name)
+
+
+def collect_dots(jaxpr, multiplier: int = 1, counts: Counter | None = None) -> Counter:
+    """Every ``dot_general`` of ``jaxpr`` and its sub-jaxprs, counted as often as it executes."""
+    counts = Counter() if counts is None else counts
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            lhs, rhs = (v.aval for v in eqn.invars)
+            preferred = eqn.params.get("preferred_element_type")
+            key = (tuple(lhs.shape), tuple(rhs.shape), lhs.dtype.name, eqn.params["dimension_numbers"],
+                   None if preferred is None else jnp.dtype(preferred).name)
+            counts[key] += multiplier
+            continue
+        if eqn.primitive.name == "while":
+            raise SystemExit("error: the step has a while loop whose trip count this walk cannot know")
+        inner = multiplier * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    collect_dots(sub, inner, counts)
+    return counts
+
+
+def dot_flops(key: DotKey) -> float:
+    lhs_shape, rhs_shape, _, ((lhs_contract, rhs_contract), (_, rhs_batch)), _ = key
+    contracted = np.prod([lhs_shape[d] for d in lhs_contract])
+    # The output: the lhs's batch and free dimensions, then the rhs's free ones.
+    out = np.prod([n for d, n in enumerate(lhs_shape) if d not in lhs_contract])
+    out *= np.prod([n for d, n in enumerate(rhs_shape) if d not in rhs_contract and d not in rhs_batch])
+    return 2.0 * float(out) * float(contracted)
+
+
+def time_dot(key: DotKey, repeats: int) -> float:
+    """Fastest of ``repeats`` runs of this product alone, jitted, inputs resident: a floor."""
+    lhs_shape, rhs_shape, dtype, dimension_numbers, preferred = key
+    rng = np.random.default_rng(0)
+    lhs = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
+    rhs = jnp.asarray(rng.standard_normal(rhs_shape), dtype)
+    product = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=preferred))
+    for _ in range(5):
+        product(lhs, rhs).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(lhs, rhs).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
+
+
+def einsum_spec(key: DotKey) -> str:
+    """The ``dot_general`` as an einsum string (batch, lhs free, rhs free: dot_general's output order)."""
+    lhs_shape, rhs_shape, _, ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)), _ = key
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    lhs, rhs = [None] * len(lhs_shape), [None] * len(rhs_shape)
+    for lhs_dim, rhs_dim in (*zip(lhs_batch, rhs_batch), *zip(lhs_contract, rhs_contract)):
+        lhs[lhs_dim] = rhs[rhs_dim] = next(letters)
+    lhs = [d or next(letters) for d in lhs]
+    rhs = [d or next(letters) for d in rhs]
+    out = [lhs[d] for d in lhs_batch]
+    out += [x for d, x in enumerate(lhs) if d not in lhs_batch and d not in lhs_contract]
+    out += [x for d, x in enumerate(rhs) if d not in rhs_batch and d not in rhs_contract]
+    return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+
+
+def time_dot_torch(key: DotKey, repeats: int) -> float:
+    """Fastest of ``repeats`` runs of the same product in PyTorch (``torch.einsum``: MKL/oneDNN GEMMs)."""
+    import torch
+
+    lhs_shape, rhs_shape = key[0], key[1]
+    # Size-1 axes dropped: torch.einsum otherwise takes a permute-and-copy path for some of them.
+    lhs_spec, rest = einsum_spec(key).split(",")
+    rhs_spec, out_spec = rest.split("->")
+    unit = {x for spec, shape in ((lhs_spec, lhs_shape), (rhs_spec, rhs_shape)) for x, n in zip(spec, shape) if n == 1}
+    lhs = torch.randn([n for n in lhs_shape if n != 1])
+    rhs = torch.randn([n for n in rhs_shape if n != 1])
+    spec = "{},{}->{}".format(*("".join(x for x in part if x not in unit) for part in (lhs_spec, rhs_spec, out_spec)))
+    for _ in range(3):
+        torch.einsum(spec, lhs, rhs)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.einsum(spec, lhs, rhs)
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
+
+
+def product_rows(counts: Counter, repeats: int, with_torch: bool) -> list[dict]:
+    """One row per distinct product: how often per step, its time alone (XLA, and PyTorch if asked)."""
+    rows = []
+    for key, n in counts.items():
+        seconds = time_dot(key, repeats)
+        row = {"einsum": einsum_spec(key), "lhs": list(key[0]), "rhs": list(key[1]), "per_step": n,
+               "gflop": n * dot_flops(key) / 1e9, "xla_ms": n * seconds * 1e3, "xla_gflop_per_s": dot_flops(key) / seconds / 1e9}
+        if with_torch:
+            torch_seconds = time_dot_torch(key, repeats)
+            row.update(torch_ms=n * torch_seconds * 1e3, torch_gflop_per_s=dot_flops(key) / torch_seconds / 1e9)
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["xla_ms"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: the --peer shape)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of whole steps")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per impl per round")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs of each distinct product")
+    parser.add_argument("--target", type=float, default=1.5, help="the archlab / hf_flax ratio to examine")
+    parser.add_argument("--torch", action="store_true", help="also time every product in PyTorch")
+    args = parser.parse_args(argv)
+
+    setup = benchmark.Setup(args.overrides or benchmark.PEER_SHAPE)
+    cfg = setup.plan.model
+    train_step, params, opt_state = benchmark_peers.flax_train_step(cfg, setup.cfg.optimizer, setup.schedule)
+    ids = jnp.asarray(setup.host_batch["inputs"], jnp.int32)
+    programs = {
+        "archlab": jax.make_jaxpr(setup.jitted)(setup.state, setup.batch).jaxpr,
+        "hf_flax": jax.make_jaxpr(train_step)(params, opt_state, ids).jaxpr,
+    }
+    products = {name: product_rows(collect_dots(jaxpr), args.repeats, args.torch) for name, jaxpr in programs.items()}
+    runners = {"archlab": setup.compile()[1]}
+    runners["hf_flax"], _ = benchmark_peers.flax_step(cfg, setup.cfg.optimizer, setup.schedule, setup.host_batch["inputs"])
+    times = benchmark.time_interleaved(runners, warmup=2, rounds=args.rounds, steps=args.steps)
+    rows = {}
+    for name, product_list in products.items():
+        for product in product_list:
+            print(json.dumps({"measure": "product", "impl": name, **product}))
+        step_ms = statistics.median(times[name]["wall"]) * 1e3
+        floor_ms, gflop = sum(p["xla_ms"] for p in product_list), sum(p["gflop"] for p in product_list)
+        rows[name] = {"measure": "matmul_floor", "impl": name, "step_ms": step_ms, "matmul_floor_ms": floor_ms,
+                      "matmul_gflop": gflop, "matmul_gflop_per_s": gflop / floor_ms * 1e3, "other_ms": step_ms - floor_ms,
+                      "load_1m": os.getloadavg()[0]}
+        if args.torch:
+            rows[name]["torch_floor_ms"] = sum(p["torch_ms"] for p in product_list)
+        print(json.dumps(rows[name]), flush=True)
+    ours, peer = rows["archlab"], rows["hf_flax"]
+    needed_ms = peer["step_ms"] / args.target
+    print(json.dumps({"measure": "target", "ratio": args.target, "step_ms_needed": needed_ms,
+                      "other_ms_allowed": needed_ms - ours["matmul_floor_ms"], "other_ms_now": ours["other_ms"]}))
+    torch_column = " PyTorch floor ms |" if args.torch else ""
+    print(f"\n| impl | step ms | matmul GFLOP | matmul floor ms | GFLOP/s at the floor | everything else ms |{torch_column}")
+    print("|---|---|---|---|---|---|" + ("---|" if args.torch else ""))
+    for row in rows.values():
+        torch_cell = f" {row['torch_floor_ms']:.0f} |" if args.torch else ""
+        print(f"| {row['impl']} | {row['step_ms']:.0f} | {row['matmul_gflop']:.1f} | {row['matmul_floor_ms']:.0f} | "
+              f"{row['matmul_gflop_per_s']:.0f} | {row['other_ms']:.0f} |{torch_cell}")
+    torch_columns = " PyTorch ms | PyTorch GFLOP/s |" if args.torch else ""
+    print(f"\narchlab's products (einsum of the jaxpr's dot_general):\n\n| product | shapes | per step | XLA ms | XLA GFLOP/s |{torch_columns}")
+    print("|---|---|---|---|---|" + ("---|---|" if args.torch else ""))
+    for p in products["archlab"]:
+        torch_cells = f" {p['torch_ms']:.1f} | {p['torch_gflop_per_s']:.0f} |" if args.torch else ""
+        print(f"| `{p['einsum']}` | {p['lhs']} x {p['rhs']} | {p['per_step']} | {p['xla_ms']:.1f} | {p['xla_gflop_per_s']:.0f} |{torch_cells}")
+    print(f"\n{args.target}x hf_flax needs an archlab step of {needed_ms:.0f} ms: {needed_ms - ours['matmul_floor_ms']:.0f} ms "
+          f"beside archlab's matmul floor for everything else, which takes {ours['other_ms']:.0f} ms now.")
+
+
+if __name__ == "__main__":
+    main()
