@@ -3,6 +3,8 @@
     python scripts/benchmark.py --peer                       # the CPU target shape vs HF GPT-2 (torch, flax)
     python scripts/benchmark.py model=encoder_only objective=mlm size=medium data.seq_len=256 \\
         run.batch_size=8 data.vocab_size=8192                # any family / size / length / batch / dtype
+    python scripts/benchmark.py model=encoder_decoder objective=span_corruption --no-train --no-pipeline
+                                                             # KV-cache decoding only
     python scripts/benchmark.py --depth-compile              # compile time of 2 vs 24 scanned layers
     python scripts/benchmark.py --markdown-from results.jsonl   # the tables, from saved JSON lines
 
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --steps timed steps")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--no-train", dest="train", action="store_false", help="skip the training measurement")
     parser.add_argument("--no-decode", dest="decode", action="store_false")
     parser.add_argument("--no-pipeline", dest="pipeline", action="store_false")
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -319,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", action="store_true", help="print the tables of this run at the end")
     parser.add_argument("--markdown-from", type=Path, help="only print the tables of these saved JSON lines")
     args = parser.parse_args(argv)
+    if args.peer and not args.train:
+        parser.error("--peer compares training steps; it cannot be combined with --no-train")
     args.peers = set(args.peers.split(","))
     if args.variant is None:
         args.variant = PEER_VARIANTS if args.peer and not args.overrides else []
@@ -336,10 +341,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         overrides = args.overrides if args.overrides or not args.peer else PEER_SHAPE
         setup = Setup(overrides)
-        bench_train(setup, args, sink, peers=args.peer)
-        archlab_train = next(r for r in sink if r["measure"] == "train" and r["impl"] == "archlab")
+        if args.train:
+            bench_train(setup, args, sink, peers=args.peer)
         if args.pipeline:
-            bench_pipeline(setup, args, sink, archlab_train["tokens_per_s"])
+            trained = [r["tokens_per_s"] for r in sink if r["measure"] == "train" and r["impl"] == "archlab"]
+            bench_pipeline(setup, args, sink, trained[0] if trained else None)
         if args.decode:
             bench_decode(setup, args, sink)
     if args.markdown:
