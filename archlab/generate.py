@@ -2,7 +2,8 @@
 
 Per model and sampling setting there are two jitted functions, built once and reused by
 later calls with the same shapes: a *start* (DecoderOnly: prefill of the whole left-padded
-prompt batch; EncoderDecoder: the encoder) and ONE decode step, jitted over
+prompt batch; EncoderDecoder: the encoder and, once, every decoder layer's cross-attention keys
+and values of its output) and ONE decode step, jitted over
 ``(state, caches, token, index, rng, ...)`` with the caches donated, run for every new token.
 The step index is a traced scalar, so the step never recompiles between tokens.
 
@@ -160,16 +161,18 @@ def _decoder_only_functions(graphdef, sampling: Sampling) -> tuple[Callable, Cal
 
 def _encoder_decoder_functions(graphdef, sampling: Sampling) -> tuple[Callable, Callable]:
     def start(state, encoder_BS, encoder_segment_ids_BS):
+        """The encoder, and from its output every decoder layer's cross-attention keys and values."""
         TRACE_COUNTS["encoder_decoder_encode"] += 1
-        return nnx.merge(graphdef, state).encode(encoder_BS, segment_ids_BS=encoder_segment_ids_BS)
+        model = nnx.merge(graphdef, state)
+        return model.cross_kv(model.encode(encoder_BS, segment_ids_BS=encoder_segment_ids_BS))
 
-    def step(state, caches, token_B, index, rng, done_B, eos_id, encoded_BSD, encoder_segment_ids_BS):
+    def step(state, caches, token_B, index, rng, done_B, eos_id, cross_kv, encoder_segment_ids_BS):
         TRACE_COUNTS["encoder_decoder_step"] += 1
         model = nnx.merge(graphdef, state)
         positions_B1 = jnp.full((token_B.shape[0], 1), index, jnp.int32)
         logits_B1V, caches = model.decode(
-            token_B[:, None], encoded_BSD, encoder_segment_ids_BS=encoder_segment_ids_BS, positions_BT=positions_B1,
-            caches=caches, cache_index=index,
+            token_B[:, None], encoder_segment_ids_BS=encoder_segment_ids_BS, positions_BT=positions_B1,
+            caches=caches, cache_index=index, cross_kv=cross_kv,
         )
         rng, draw = jax.random.split(rng)
         logits_BV = logits_B1V[:, 0].astype(jnp.float32)
@@ -287,11 +290,11 @@ def generate(
         first_index, n_steps = prompt_len, max_new_tokens - 1
     else:
         encoder_BS, encoder_segment_ids_BS = _pad(rows, left=False)
-        encoded_BSD = start(state, encoder_BS, encoder_segment_ids_BS)
+        cross_kv = start(state, encoder_BS, encoder_segment_ids_BS)
         caches = model.init_caches(len(rows), cache_len)
         token_B = jnp.full((len(rows),), SPECIAL.pad, jnp.int32)
         done_B = jnp.zeros((len(rows),), bool)
-        constants = (encoded_BSD, jnp.asarray(encoder_segment_ids_BS))
+        constants = (cross_kv, jnp.asarray(encoder_segment_ids_BS))
         first_index, n_steps = 0, max_new_tokens
 
     for i in range(n_steps):

@@ -216,7 +216,9 @@ def cudnn_refusal(q_len: int, kv_len: int, head_dim: int) -> str | None:
 class Attention(nnx.Module):
     """Multi-head / grouped-query / multi-query attention.
 
-    Self-attention when ``x_kv_BSD is None``, cross-attention otherwise. With ``cache``,
+    Self-attention when ``x_kv_BSD is None``, cross-attention otherwise; cross-attention can
+    also take its keys and values already projected (``kv``, from ``project_kv``), which is how
+    decoding reads the encoder once instead of once per generated token. With ``cache``,
     the new keys/values are written at ``cache_index`` and the queries attend the whole
     fixed-shape cache (the caller's mask hides unwritten slots); returns ``(y, cache)``.
     """
@@ -234,11 +236,19 @@ class Attention(nnx.Module):
         self.v = Dense(cfg.d_model, kv_width, std=cfg.init_std, **dense)
         self.o = Dense(q_width, cfg.d_model, std=out_std or cfg.init_std, **dense)
 
+    def project_kv(self, x_kv_BSD: Array) -> tuple[Array, Array]:
+        """Keys and values ``[B, S, K, H]`` of a cross-attention memory (no RoPE: it has no query positions)."""
+        batch, kv_len, _ = x_kv_BSD.shape
+        k_BSF, v_BSF = fused_dense((self.k, self.v), x_kv_BSD)
+        shape = (batch, kv_len, self.kv_heads, self.head_dim)
+        return k_BSF.reshape(shape), v_BSF.reshape(shape)
+
     def __call__(
         self,
         x_q_BTD: Array,
         x_kv_BSD: Array | None = None,
         *,
+        kv: tuple[Array, Array] | None = None,
         mask_BQK: Array,
         bias_BNQK: Array | None = None,
         q_positions_BT: Array | None = None,
@@ -247,17 +257,16 @@ class Attention(nnx.Module):
         cache_index: Array | int | None = None,
         causal: bool = False,
     ):
-        is_self = x_kv_BSD is None
-        x_kv_BSD = x_q_BTD if is_self else x_kv_BSD
+        is_self = x_kv_BSD is None and kv is None
         batch, q_len, _ = x_q_BTD.shape
-        kv_len = x_kv_BSD.shape[1]
         if is_self and FUSE_QKV:
             q_BTF, k_BSF, v_BSF = fused_dense((self.q, self.k, self.v), x_q_BTD)
+            k_BSKH = k_BSF.reshape(batch, q_len, self.kv_heads, self.head_dim)
+            v_BSKH = v_BSF.reshape(batch, q_len, self.kv_heads, self.head_dim)
         else:
-            q_BTF, (k_BSF, v_BSF) = self.q(x_q_BTD), fused_dense((self.k, self.v), x_kv_BSD)
+            q_BTF = self.q(x_q_BTD)
+            k_BSKH, v_BSKH = kv if kv is not None else self.project_kv(x_q_BTD if is_self else x_kv_BSD)
         q_BTNH = q_BTF.reshape(batch, q_len, self.n_heads, self.head_dim)
-        k_BSKH = k_BSF.reshape(batch, kv_len, self.kv_heads, self.head_dim)
-        v_BSKH = v_BSF.reshape(batch, kv_len, self.kv_heads, self.head_dim)
         if self.use_rope and is_self:
             q_BTNH = rope(q_BTNH, q_positions_BT, self.rope_theta)
             k_BSKH = rope(k_BSKH, q_positions_BT if kv_positions_BS is None else kv_positions_BS, self.rope_theta)

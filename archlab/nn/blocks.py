@@ -46,7 +46,11 @@ class TransformerBlock(nnx.Module):
             return x_BTD + sublayer(norm(x_BTD))
         return norm(x_BTD + sublayer(x_BTD))
 
-    def __call__(self, x_BTD: Array, ctx: BlockContext, cache: KVCache | None = None, cache_index=None):
+    def __call__(
+        self, x_BTD: Array, ctx: BlockContext, cache: KVCache | None = None, cache_index=None,
+        cross_kv: tuple[Array, Array] | None = None,
+    ):
+        """``cross_kv``: this layer's encoder keys and values, projected once (else from ``ctx.encoded_BSD``)."""
         new_cache = None
 
         def self_attention(h_BTD: Array) -> Array:
@@ -62,7 +66,8 @@ class TransformerBlock(nnx.Module):
 
         x_BTD = self._residual(self.self_attn_norm, self_attention, x_BTD)
         if self.cross_attn is not None:
-            cross = lambda h_BTD: self.cross_attn(h_BTD, ctx.encoded_BSD, mask_BQK=ctx.cross_mask_BQK)
+            memory_BSD = None if cross_kv is not None else ctx.encoded_BSD
+            cross = lambda h_BTD: self.cross_attn(h_BTD, memory_BSD, kv=cross_kv, mask_BQK=ctx.cross_mask_BQK)
             x_BTD = self._residual(self.cross_attn_norm, cross, x_BTD)
         x_BTD = self._residual(self.mlp_norm, self.mlp, x_BTD)
         return x_BTD if cache is None else (x_BTD, new_cache)
@@ -93,25 +98,37 @@ class LayerStack(nnx.Module):
         self.scan = cfg.scan_layers
         self.remat = cfg.remat_policy
 
-    def __call__(self, x_BTD: Array, ctx: BlockContext, caches: KVCache | None = None, cache_index=None):
-        """With ``caches`` (each array with a leading layer axis) returns ``(x, caches)``."""
+    def cross_kv(self, encoded_BSD: Array) -> tuple[Array, Array]:
+        """Every layer's cross-attention keys and values of ``encoded``: ``[L, B, S, K, H]`` each."""
+        graphdef, stacked = nnx.split(self.blocks)
+        return jax.lax.map(lambda layer_params: nnx.merge(graphdef, layer_params).cross_attn.project_kv(encoded_BSD), stacked)
+
+    def __call__(
+        self, x_BTD: Array, ctx: BlockContext, caches: KVCache | None = None, cache_index=None,
+        cross_kv: tuple[Array, Array] | None = None,
+    ):
+        """With ``caches`` (each array with a leading layer axis) returns ``(x, caches)``.
+
+        ``cross_kv`` (from ``cross_kv()``, leading layer axis) replaces ``ctx.encoded_BSD`` for
+        cross-attention.
+        """
         graphdef, stacked = nnx.split(self.blocks)
 
-        def one_layer(x_BTD, layer_params_and_cache):
-            layer_params, cache = layer_params_and_cache
+        def one_layer(x_BTD, layer_inputs):
+            layer_params, cache, layer_cross_kv = layer_inputs
             block = nnx.merge(graphdef, layer_params)
             if cache is None:
-                return block(x_BTD, ctx), None
-            return block(x_BTD, ctx, cache, cache_index)
+                return block(x_BTD, ctx, cross_kv=layer_cross_kv), None
+            return block(x_BTD, ctx, cache, cache_index, layer_cross_kv)
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.remat])
         if self.scan:
-            x_BTD, new_caches = jax.lax.scan(one_layer, x_BTD, (stacked, caches))
+            x_BTD, new_caches = jax.lax.scan(one_layer, x_BTD, (stacked, caches, cross_kv))
         else:
             outputs = []
             for i in range(self.n_layers):
-                layer_i = jax.tree.map(lambda a: a[i], (stacked, caches))
+                layer_i = jax.tree.map(lambda a: a[i], (stacked, caches, cross_kv))
                 x_BTD, cache_i = one_layer(x_BTD, layer_i)
                 outputs.append(cache_i)
             new_caches = None if caches is None else jax.tree.map(lambda *a: jax.numpy.stack(a), *outputs)

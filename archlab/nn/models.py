@@ -204,29 +204,43 @@ class EncoderDecoder(nnx.Module):
         one = KVCache.zeros(self.cfg, batch, max_len)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.cfg.decoder_layers, *a.shape)), one)
 
+    def cross_kv(self, encoded_BSD: Array) -> tuple[Array, Array]:
+        """The decoder layers' cross-attention keys and values of ``encoded`` (``[L, B, S, K, H]`` each).
+
+        Generation computes them once and passes them to every decode step (``decode(..., cross_kv=)``)
+        instead of projecting the whole encoder output again for each new token.
+        """
+        return self.decoder.cross_kv(encoded_BSD)
+
     def decode(
-        self, tokens_BT: Array, encoded_BSD: Array, *, encoder_segment_ids_BS=None, segment_ids_BT=None,
-        positions_BT=None, caches: KVCache | None = None, cache_index=None,
+        self, tokens_BT: Array, encoded_BSD: Array | None = None, *, encoder_segment_ids_BS=None, segment_ids_BT=None,
+        positions_BT=None, caches: KVCache | None = None, cache_index=None, cross_kv: tuple[Array, Array] | None = None,
     ):
-        """Decoder logits ``[B, T, V]`` (and updated caches when decoding step by step)."""
+        """Decoder logits ``[B, T, V]`` (and updated caches when decoding step by step).
+
+        The encoder memory is ``encoded_BSD`` or, already projected, ``cross_kv`` (``cross_kv()``).
+        """
         out = self.decode_hidden(
             tokens_BT, encoded_BSD, encoder_segment_ids_BS=encoder_segment_ids_BS, segment_ids_BT=segment_ids_BT,
-            positions_BT=positions_BT, caches=caches, cache_index=cache_index,
+            positions_BT=positions_BT, caches=caches, cache_index=cache_index, cross_kv=cross_kv,
         )
         if isinstance(out, tuple):
             return self.lm_head(out[0], self.embed.tokens), out[1]
         return self.lm_head(out, self.embed.tokens)
 
     def decode_hidden(
-        self, tokens_BT: Array, encoded_BSD: Array, *, encoder_segment_ids_BS=None, segment_ids_BT=None,
-        positions_BT=None, caches: KVCache | None = None, cache_index=None,
+        self, tokens_BT: Array, encoded_BSD: Array | None = None, *, encoder_segment_ids_BS=None, segment_ids_BT=None,
+        positions_BT=None, caches: KVCache | None = None, cache_index=None, cross_kv: tuple[Array, Array] | None = None,
     ):
         """Final decoder hidden states ``[B, T, D]`` (and updated caches), before the LM head."""
+        if (encoded_BSD is None) == (cross_kv is None):
+            raise ValueError("decode needs the encoder memory as exactly one of encoded_BSD and cross_kv")
         max_len = None if caches is None else caches.k_BSKH.shape[2]
         _check_tokens(self.cfg, tokens_BT, "decoder input", max_len)
         segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
         if encoder_segment_ids_BS is None:
-            encoder_segment_ids_BS = jnp.ones(encoded_BSD.shape[:2], jnp.int32)
+            memory_BS = encoded_BSD.shape[:2] if cross_kv is None else cross_kv[0].shape[1:3]
+            encoder_segment_ids_BS = jnp.ones(memory_BS, jnp.int32)
         if caches is None:
             self_mask = masks.decoder_mask(segment_ids_BT)
             key_positions = positions_BT
@@ -238,7 +252,7 @@ class EncoderDecoder(nnx.Module):
         bias = None if self.decoder_bias is None else self.decoder_bias(positions_BT, key_positions)
         cross = masks.cross_mask(segment_ids_BT, encoder_segment_ids_BS)
         ctx = BlockContext(self_mask, positions_BT, bias, encoded_BSD, cross, causal=caches is None)
-        out = self.decoder(self.embed(tokens_BT, positions_BT), ctx, caches, cache_index)
+        out = self.decoder(self.embed(tokens_BT, positions_BT), ctx, caches, cache_index, cross_kv)
         hidden_BTD, caches = (out, None) if caches is None else out
         if self.decoder_norm is not None:
             hidden_BTD = self.decoder_norm(hidden_BTD)
