@@ -96,6 +96,53 @@ def test_mlm_selection_counts_and_split():
     assert abs(n_same / chosen_total - 0.1) < 0.015
 
 
+def test_mlm_prediction_positions_hold_every_chosen_position_first():
+    for seed in range(5):
+        batch = packed_batch(seed)
+        out = mask_tokens(batch, np.random.default_rng(seed), vocab_size=VOCAB)
+        positions_BK = out["prediction_positions"]
+        assert positions_BK.dtype == np.int32 and positions_BK.shape == (16, round(0.15 * 128))
+        for b in range(16):
+            chosen_b = np.flatnonzero(out["weights"][b])
+            n_chosen = len(chosen_b)
+            np.testing.assert_array_equal(positions_BK[b, :n_chosen], chosen_b)  # in order, then the rest
+            assert len(set(positions_BK[b].tolist())) == positions_BK.shape[1]  # no position twice
+            assert (out["weights"][b, positions_BK[b, n_chosen:]] == 0).all()
+    # Every row eligible: the most a row can choose is exactly K.
+    full = {"tokens": np.full((2, 40), SPECIAL.n_reserved_low + 3, np.int32),
+            "segment_ids": np.ones((2, 40), np.int32), "positions": np.tile(np.arange(40, dtype=np.int32), (2, 1))}
+    out = mask_tokens(full, np.random.default_rng(0), vocab_size=VOCAB)
+    assert out["prediction_positions"].shape == (2, 6) and (out["weights"].sum(1) == 6).all()
+
+
+@pytest.mark.parametrize("head_chunk", [0, 16])
+def test_mlm_loss_at_prediction_positions_equals_the_loss_over_every_position(head_chunk):
+    """The head read at the K listed positions gives the loss and gradients of reading all T."""
+    from flax import nnx
+
+    from archlab.config import ModelConfig
+    from archlab.nn.models import build_model
+    from archlab.objectives.model_io import loss_and_metrics
+
+    cfg = ModelConfig(family="encoder_only", d_model=32, n_layers=2, n_heads=4, d_ff=64, vocab_size=VOCAB,
+                      max_seq_len=128, position="learned", norm_position="post", embedding_norm=True,
+                      mlm_transform=True, head_bias=True, head_chunk=head_chunk)
+    graphdef, params = nnx.split(build_model(cfg, seed=0))
+    batch = {k: jnp.asarray(v) for k, v in mask_tokens(packed_batch(3, B=4), np.random.default_rng(3), vocab_size=VOCAB).items()}
+    everywhere = {k: v for k, v in batch.items() if k != "prediction_positions"}
+
+    def loss(params, batch):
+        return loss_and_metrics(nnx.merge(graphdef, params), batch)
+
+    (gathered, gathered_sums), gathered_grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
+    (full, full_sums), full_grads = jax.value_and_grad(loss, has_aux=True)(params, everywhere)
+    np.testing.assert_allclose(gathered, full, rtol=1e-6)
+    for key in ("weight_sum", "correct_sum"):
+        assert float(gathered_sums[key]) == float(full_sums[key])
+    for g, f in zip(jax.tree.leaves(gathered_grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(g, f, rtol=1e-4, atol=1e-6)
+
+
 def test_mlm_deterministic_and_seed_dependent():
     batch = packed_batch(0)
     a = mask_tokens(batch, np.random.default_rng(7), vocab_size=VOCAB)

@@ -39,6 +39,11 @@ def mask_tokens(
     a uniformly random ordinary (non-special) id with probability ``random_token_fraction``,
     and stays unchanged otherwise. ``targets`` are the original tokens; ``weights`` is 1.0
     exactly at the chosen positions.
+
+    ``prediction_positions`` ``[B, K]`` lists each row's chosen positions in order, then other
+    positions (weight 0) up to ``K = max(1, round(mask_rate * T))``, the most a row can choose
+    (BERT's ``masked_lm_positions``). The loss reads the output head at these K positions only
+    instead of all T (``model_io.hidden_and_targets``): the same loss at ~mask_rate of the head's cost.
     """
     _check_rates(mask_rate, mask_token_fraction, random_token_fraction)
     SPECIAL.check_vocab_has_sentinels(vocab_size)
@@ -67,10 +72,14 @@ def mask_tokens(
 
     inputs_BT = np.where(to_mask_BT, SPECIAL.mask, tokens_BT)
     inputs_BT = np.where(to_random_BT, random_ids_BT, inputs_BT).astype(np.int32)
+    # k <= round(mask_rate * T) for every row (round is monotone and n_eligible <= T).
+    n_predictions = max(1, int(np.rint(mask_rate * T)))
+    prediction_positions_BK = np.argsort(~chosen_BT, axis=1, kind="stable")[:, :n_predictions].astype(np.int32)
     return {
         "inputs": inputs_BT,
         "targets": tokens_BT.copy(),
         "weights": chosen_BT.astype(np.float32),
         "segment_ids": segment_ids_BT,
         "positions": positions_BT,
+        "prediction_positions": prediction_positions_BK,
     }

@@ -16,11 +16,28 @@ from archlab.objectives.losses import cross_entropy_and_accuracy, head_cross_ent
 Array = jax.Array
 
 # Keys of a batch that the model does not consume (loss-side only).
-LOSS_KEYS = ("targets", "decoder_targets", "weights")
+LOSS_KEYS = ("targets", "decoder_targets", "weights", "prediction_positions")
 
 
 def hidden_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
-    """``(hidden_BTD, targets_BT, weights_BT)``: the final hidden states that the LM head reads."""
+    """``(hidden_BTD, targets_BT, weights_BT)``: the final hidden states that the LM head reads.
+
+    A batch with ``prediction_positions`` ``[B, K]`` (masked LM) gets all three at those K
+    positions only (``T`` becomes ``K``): the head and the loss then skip the positions that carry
+    no loss, and every weighted position is among the K, so the loss is unchanged.
+    """
+    hidden_BTD, targets_BT, weights_BT = _network_outputs(model, batch)
+    if "prediction_positions" not in batch:
+        return hidden_BTD, targets_BT, weights_BT
+    positions_BK = batch["prediction_positions"].astype(jnp.int32)
+    return (
+        jnp.take_along_axis(hidden_BTD, positions_BK[..., None], axis=1),
+        jnp.take_along_axis(targets_BT, positions_BK, axis=1),
+        jnp.take_along_axis(weights_BT, positions_BK, axis=1),
+    )
+
+
+def _network_outputs(model: Any, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
     family = model.cfg.family
     if family == "encoder_decoder":
         encoded_BSD = model.encode(
