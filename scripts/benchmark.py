@@ -200,12 +200,11 @@ def bench_train(setup: Setup, args, sink: list, peers: bool) -> None:
     if peers:
         import benchmark_peers
 
-        tokens = setup.host_batch["inputs"]
         peer_shape = {**setup.describe(), "scan_layers": None, "remat": None, "attention_kernel": None,
                       "head_chunk": None}
         for name, build in (("hf_torch", benchmark_peers.torch_step), ("hf_flax", benchmark_peers.flax_step)):
             if name.removeprefix("hf_") in args.peers:
-                runners[name], seconds = build(setup.plan.model, setup.cfg.optimizer, setup.schedule, tokens)
+                runners[name], seconds = build(setup.plan.model, setup.cfg.optimizer, setup.schedule, setup.host_batch)
                 info[name] = {"describe": peer_shape, "compile_s": seconds}
     times = time_interleaved(runners, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
     records = {name: train_record(name, times[name], setups.get(name, setup), peak, info[name]) for name in runners}
@@ -341,6 +340,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         overrides = args.overrides if args.overrides or not args.peer else PEER_SHAPE
         setup = Setup(overrides)
+        if args.peer:  # a shape the reference model cannot express: one line, before anything compiles
+            import benchmark_peers
+
+            from archlab.errors import ConfigError
+
+            try:
+                benchmark_peers.hf_config(setup.plan.model)
+            except ConfigError as refusal:
+                parser.exit(2, f"benchmark.py: error: {refusal}\n")
         if args.train:
             bench_train(setup, args, sink, peers=args.peer)
         if args.pipeline:

@@ -151,14 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     setup = benchmark.Setup(args.overrides or benchmark.PEER_SHAPE)
     cfg = setup.plan.model
     train_step, params, opt_state = benchmark_peers.flax_train_step(cfg, setup.cfg.optimizer, setup.schedule)
-    ids = jnp.asarray(setup.host_batch["inputs"], jnp.int32)
+    peer_batch = benchmark_peers.flax_batch(cfg, setup.host_batch)
     programs = {
         "archlab": jax.make_jaxpr(setup.jitted)(setup.state, setup.batch).jaxpr,
-        "hf_flax": jax.make_jaxpr(train_step)(params, opt_state, ids).jaxpr,
+        "hf_flax": jax.make_jaxpr(train_step)(params, opt_state, peer_batch).jaxpr,
     }
     products = {name: product_rows(collect_dots(jaxpr), args.repeats, args.torch) for name, jaxpr in programs.items()}
     runners = {"archlab": setup.compile()[1]}
-    runners["hf_flax"], _ = benchmark_peers.flax_step(cfg, setup.cfg.optimizer, setup.schedule, setup.host_batch["inputs"])
+    runners["hf_flax"], _ = benchmark_peers.flax_step(cfg, setup.cfg.optimizer, setup.schedule, setup.host_batch)
     times = benchmark.time_interleaved(runners, warmup=2, rounds=args.rounds, steps=args.steps)
     rows = {}
     for name, product_list in products.items():
