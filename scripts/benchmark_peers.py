@@ -88,21 +88,17 @@ def hf_config(cfg: ModelConfig):
 
 def peer_batch(cfg: ModelConfig, host_batch: dict) -> dict[str, np.ndarray]:
     """archlab's batch under the Hugging Face model's argument names, labels included."""
+    ids = lambda key: np.asarray(host_batch[key], np.int64)
+    not_padding = lambda key: (np.asarray(host_batch[key]) > 0).astype(np.int64)
+    labels = lambda key: np.where(np.asarray(host_batch["weights"]) > 0, host_batch[key], IGNORED).astype(np.int64)
     if cfg.family == "decoder_only":
-        ids = np.asarray(host_batch["inputs"], np.int64)
-        return {"input_ids": ids, "labels": ids}
+        return {"input_ids": ids("inputs"), "labels": ids("inputs")}
     if cfg.family == "encoder_only":
-        return {
-            "input_ids": np.asarray(host_batch["inputs"], np.int64),
-            "attention_mask": (np.asarray(host_batch["segment_ids"]) > 0).astype(np.int64),
-            "labels": np.where(np.asarray(host_batch["weights"]) > 0, host_batch["targets"], IGNORED).astype(np.int64),
-        }
+        return {"input_ids": ids("inputs"), "attention_mask": not_padding("segment_ids"), "labels": labels("targets")}
     return {
-        "input_ids": np.asarray(host_batch["encoder_inputs"], np.int64),
-        "attention_mask": (np.asarray(host_batch["encoder_segment_ids"]) > 0).astype(np.int64),
-        "decoder_input_ids": np.asarray(host_batch["decoder_inputs"], np.int64),
-        "decoder_attention_mask": (np.asarray(host_batch["decoder_segment_ids"]) > 0).astype(np.int64),
-        "labels": np.where(np.asarray(host_batch["weights"]) > 0, host_batch["decoder_targets"], IGNORED).astype(np.int64),
+        "input_ids": ids("encoder_inputs"), "attention_mask": not_padding("encoder_segment_ids"),
+        "decoder_input_ids": ids("decoder_inputs"), "decoder_attention_mask": not_padding("decoder_segment_ids"),
+        "labels": labels("decoder_targets"),
     }
 
 
@@ -151,7 +147,7 @@ def _restore_clip_keywords_for_flax_t5() -> None:
     import jax.numpy as jnp
     from transformers.models.t5 import modeling_flax_t5
 
-    if isinstance(modeling_flax_t5.jnp, types.ModuleType) and modeling_flax_t5.jnp is not jnp:
+    if modeling_flax_t5.jnp is not jnp:
         return  # already given
 
     def clip(x, a_min=None, a_max=None, *, min=None, max=None):

@@ -238,9 +238,10 @@ class Attention(nnx.Module):
 
     def project_kv(self, x_kv_BSD: Array) -> tuple[Array, Array]:
         """Keys and values ``[B, S, K, H]`` of a cross-attention memory (no RoPE: it has no query positions)."""
-        batch, kv_len, _ = x_kv_BSD.shape
-        k_BSF, v_BSF = fused_dense((self.k, self.v), x_kv_BSD)
-        shape = (batch, kv_len, self.kv_heads, self.head_dim)
+        return self._split_kv_heads(*fused_dense((self.k, self.v), x_kv_BSD))
+
+    def _split_kv_heads(self, k_BSF: Array, v_BSF: Array) -> tuple[Array, Array]:
+        shape = (*k_BSF.shape[:2], self.kv_heads, self.head_dim)
         return k_BSF.reshape(shape), v_BSF.reshape(shape)
 
     def __call__(
@@ -261,8 +262,7 @@ class Attention(nnx.Module):
         batch, q_len, _ = x_q_BTD.shape
         if is_self and FUSE_QKV:
             q_BTF, k_BSF, v_BSF = fused_dense((self.q, self.k, self.v), x_q_BTD)
-            k_BSKH = k_BSF.reshape(batch, q_len, self.kv_heads, self.head_dim)
-            v_BSKH = v_BSF.reshape(batch, q_len, self.kv_heads, self.head_dim)
+            k_BSKH, v_BSKH = self._split_kv_heads(k_BSF, v_BSF)
         else:
             q_BTF = self.q(x_q_BTD)
             k_BSKH, v_BSKH = kv if kv is not None else self.project_kv(x_q_BTD if is_self else x_kv_BSD)

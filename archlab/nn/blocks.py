@@ -66,8 +66,7 @@ class TransformerBlock(nnx.Module):
 
         x_BTD = self._residual(self.self_attn_norm, self_attention, x_BTD)
         if self.cross_attn is not None:
-            memory_BSD = None if cross_kv is not None else ctx.encoded_BSD
-            cross = lambda h_BTD: self.cross_attn(h_BTD, memory_BSD, kv=cross_kv, mask_BQK=ctx.cross_mask_BQK)
+            cross = lambda h_BTD: self.cross_attn(h_BTD, ctx.encoded_BSD, kv=cross_kv, mask_BQK=ctx.cross_mask_BQK)
             x_BTD = self._residual(self.cross_attn_norm, cross, x_BTD)
         x_BTD = self._residual(self.mlp_norm, self.mlp, x_BTD)
         return x_BTD if cache is None else (x_BTD, new_cache)
@@ -101,7 +100,11 @@ class LayerStack(nnx.Module):
     def cross_kv(self, encoded_BSD: Array) -> tuple[Array, Array]:
         """Every layer's cross-attention keys and values of ``encoded``: ``[L, B, S, K, H]`` each."""
         graphdef, stacked = nnx.split(self.blocks)
-        return jax.lax.map(lambda layer_params: nnx.merge(graphdef, layer_params).cross_attn.project_kv(encoded_BSD), stacked)
+
+        def one_layer(layer_params) -> tuple[Array, Array]:
+            return nnx.merge(graphdef, layer_params).cross_attn.project_kv(encoded_BSD)
+
+        return jax.lax.map(one_layer, stacked)
 
     def __call__(
         self, x_BTD: Array, ctx: BlockContext, caches: KVCache | None = None, cache_index=None,

@@ -77,12 +77,17 @@ def time_dot(key: DotKey, repeats: int) -> float:
     lhs = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
     rhs = jnp.asarray(rng.standard_normal(rhs_shape), dtype)
     product = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=preferred))
-    for _ in range(5):
-        product(lhs, rhs).block_until_ready()
+    return _fastest(lambda: product(lhs, rhs).block_until_ready(), repeats)
+
+
+def _fastest(run, repeats: int, warmup: int = 5) -> float:
+    """The shortest of ``repeats`` timed calls of ``run`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        product(lhs, rhs).block_until_ready()
+        run()
         seconds.append(time.perf_counter() - start)
     return min(seconds)
 
@@ -114,14 +119,7 @@ def time_dot_torch(key: DotKey, repeats: int) -> float:
     lhs = torch.randn([n for n in lhs_shape if n != 1])
     rhs = torch.randn([n for n in rhs_shape if n != 1])
     spec = "{},{}->{}".format(*("".join(x for x in part if x not in unit) for part in (lhs_spec, rhs_spec, out_spec)))
-    for _ in range(3):
-        torch.einsum(spec, lhs, rhs)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.einsum(spec, lhs, rhs)
-        seconds.append(time.perf_counter() - start)
-    return min(seconds)
+    return _fastest(lambda: torch.einsum(spec, lhs, rhs), repeats)
 
 
 def product_rows(counts: Counter, repeats: int, with_torch: bool) -> list[dict]:
