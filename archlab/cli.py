@@ -105,8 +105,7 @@ def _train_app(cfg: DictConfig) -> float | None:
         config = typed(cfg, TrainConfig)
         from archlab.train.loop import train  # imported late: bad configs are refused before JAX loads
 
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        summary = train(config, run_dir, resolved_config=resolved)
+        summary = train(config, run_dir)
     except ArchlabError as error:
         _remove_if_empty(run_dir)
         _fail("archlab-train", one_line(error))
@@ -149,12 +148,17 @@ def _drop_closed_loop_noise(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def _main(app, name: str) -> None:
-    _APP_NAME[0] = name
-    sys.unraisablehook = _drop_closed_loop_noise
+def prepare_hydra() -> None:
+    """Register the schemas and archlab's resolver (idempotent): what composing a config needs."""
     register_configs()
     if not OmegaConf.has_resolver("archlab.or"):
         OmegaConf.register_new_resolver("archlab.or", _first_set)
+
+
+def _main(app, name: str) -> None:
+    _APP_NAME[0] = name
+    sys.unraisablehook = _drop_closed_loop_noise
+    prepare_hydra()
     hydra_utils.run_and_report = _report_in_one_line
     app()
 

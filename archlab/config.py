@@ -76,6 +76,10 @@ class ModelConfig:
         "rematerialisation policy: auto | none | full | dots | dots_no_batch; auto = dots_no_batch on the CPU and "
         "GPUs (less memory traffic: faster on both, experiments/throughput/), none elsewhere",
     )
+    fuse_qkv: bool = _help(True, "self-attention projects q, k and v with one matrix product (faster on the CPU)")
+    causal_blocks: int = _help(
+        2, "query blocks of the XLA attention kernel under a causal mask; blocks above the diagonal are skipped "
+        "(1 = one dense block)")
     init_std: float = _help(0.02, "std of the normal initialiser")
     head_chunk: int = _help(
         -1,
@@ -106,20 +110,6 @@ class ModelConfig:
         return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @property
-    def remat_policy(self) -> str:
-        """``remat`` with ``auto`` resolved for the default JAX backend: ``dots_no_batch`` on a CPU or GPU, else ``none``."""
-        if self.remat != "auto":
-            return self.remat
-        return "dots_no_batch" if _default_backend() in ("cpu", "gpu") else "none"
-
-    @property
-    def head_chunk_size(self) -> int:
-        """``head_chunk`` with -1 (auto) resolved for the default JAX backend: 512 on the CPU, else 0."""
-        if self.head_chunk != -1:
-            return self.head_chunk
-        return 512 if _default_backend() == "cpu" else 0
-
-    @property
     def is_gated(self) -> bool:
         return self.activation in GATED_ACTIVATIONS
 
@@ -132,6 +122,32 @@ def _default_backend() -> str:
     import jax
 
     return jax.default_backend()
+
+
+def resolve_auto(cfg: ModelConfig, backend: str | None = None) -> ModelConfig:
+    """``cfg`` with its backend-dependent ``auto`` values replaced by what will run.
+
+    ``remat=auto`` becomes ``dots_no_batch`` on a CPU or GPU (faster on both,
+    experiments/throughput/) and ``none`` elsewhere; ``head_chunk=-1`` becomes 512 on the CPU
+    and 0 on accelerators. Idempotent; the run assembly calls it once, so the recorded config
+    says what ran.
+    """
+    remat, head_chunk = resolve_auto_values(cfg.remat, cfg.head_chunk, backend)
+    if (remat, head_chunk) == (cfg.remat, cfg.head_chunk):
+        return cfg
+    return dataclasses.replace(cfg, remat=remat, head_chunk=head_chunk)
+
+
+def resolve_auto_values(remat: str, head_chunk: int, backend: str | None = None) -> tuple[str, int]:
+    """``(remat, head_chunk)`` with ``auto`` / -1 resolved for ``backend`` (default: JAX's)."""
+    if remat != "auto" and head_chunk != -1:
+        return remat, head_chunk
+    backend = backend or _default_backend()
+    if remat == "auto":
+        remat = "dots_no_batch" if backend in ("cpu", "gpu") else "none"
+    if head_chunk == -1:
+        head_chunk = 512 if backend == "cpu" else 0
+    return remat, head_chunk
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -151,7 +167,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
     _one_of("kv_cache_dtype", cfg.kv_cache_dtype, KV_CACHE_DTYPES)
     _one_of("pooling", cfg.pooling, POOLINGS)
     _one_of("remat", cfg.remat, REMAT_POLICIES)
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "logits_pad_multiple"):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "logits_pad_multiple",
+                 "causal_blocks"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"model.{name} must be positive, got {getattr(cfg, name)}")
     if cfg.head_chunk < -1:

@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
-import jax
-import yaml
-from flax import nnx
-from omegaconf import OmegaConf
-
 from archlab.errors import CheckpointError
-from archlab.nn.models import build_model
-from archlab.schema import EvalConfig, TrainConfig
+from archlab.schema import EvalConfig
 from archlab.tokens import SPECIAL
 from archlab.train.checkpoint import Checkpointer
-from archlab.train.metrics import Aggregate, eval_metrics
-from archlab.train.optim import make_optimizer
-from archlab.train.run_dir import CONFIG_FILE, TOKENIZER_FILE
-from archlab.train.setup import load_corpus, make_plan, objective_transform, row_length_for, validation_batches
-from archlab.train.state import TrainState, abstract_like, from_checkpoint, to_checkpoint
-from archlab.train.step import make_eval_step
+from archlab.train.run_dir import CONFIG_FILE
 from archlab.train.tracking import Tracker
+from archlab.trainer import Trainer, config_dict, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +43,6 @@ def find_runs(path: Path) -> tuple[list[Path], int | None]:
     return runs, None
 
 
-def load_train_config(run_dir: Path) -> TrainConfig:
-    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
-    return OmegaConf.to_object(merged)
-
-
 def evaluate(cfg: EvalConfig) -> list[dict]:
     runs, step_from_path = find_runs(Path(cfg.checkpoint))
     results = []
@@ -69,49 +52,38 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
 
 
 def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]:
-    train_cfg = load_train_config(run_dir)
+    train_cfg = load_run_config(run_dir)
     if cfg.expect_family and cfg.expect_family != train_cfg.model.family:
         raise CheckpointError(
             f"{run_dir} holds a {train_cfg.model.family} model, not the requested {cfg.expect_family}"
         )
-    data_cfg = cfg.data or train_cfg.data
-    corpus = load_corpus(replace(data_cfg, vocab_size=train_cfg.data.vocab_size, seq_len=train_cfg.data.seq_len),
-                         row_length_for(train_cfg), run_dir / TOKENIZER_FILE)
-    plan = make_plan(train_cfg, corpus.tokenizer.vocab_size)
-    transform = objective_transform(train_cfg, corpus.tokenizer.vocab_size)
-    batches = validation_batches(
-        corpus.validation, transform, batch_size=cfg.batch_size or train_cfg.run.batch_size,
-        n_batches=cfg.batches, seed=train_cfg.run.seed,
-    )
-    graphdef, params = nnx.split(build_model(plan.model, seed=train_cfg.run.seed))
-    tx, _ = make_optimizer(train_cfg.optimizer, plan.total_steps, plan.tokens_per_step)
-    like = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
     checkpoints = Checkpointer(run_dir / "checkpoints", async_save=False)
-    steps = checkpoints.all_steps() if cfg.all_steps else [step if step is not None else checkpoints.latest_step()]
-    eval_step = make_eval_step(graphdef)
+    steps = checkpoints.all_steps() if cfg.all_steps else [step]
+    trainer = Trainer.restore(run_dir, steps[0], data=cfg.data)
+    plan = trainer.plan
+    batches = trainer.validation_batches(cfg.batches, cfg.batch_size)
+
     def open_tracker() -> Tracker:
         return Tracker(
             run_dir / "eval_logs", backend=cfg.logger.backend, project=cfg.logger.project,
             group=cfg.logger.group or train_cfg.logger.group or train_cfg.experiment, name=f"{train_cfg.run.name}-eval",
             tags=[plan.model.family, train_cfg.objective.name, train_cfg.size_name], job_type="eval",
-            config={"checkpoint": str(run_dir), "train": OmegaConf.to_container(OmegaConf.structured(train_cfg))},
+            config={"checkpoint": str(run_dir), "train": config_dict(train_cfg)},
             mode=cfg.logger.mode, entity=cfg.logger.entity,
         )
 
     results, tracker = [], None
-    for step_k in steps:
-        restored = _restore(checkpoints, step_k, like, run_dir)
+    for k, step_k in enumerate(steps):
+        if k:
+            trainer.load(checkpoints, step_k)
+        step_k = trainer.restored_step if k == 0 else step_k
         # Opened only once a checkpoint restored: a refused checkpoint leaves the run directory as it was.
         tracker = tracker or open_tracker()
-        totals = Aggregate()
-        for batch in batches:
-            totals.add(jax.device_get(eval_step(restored.params, batch)))
-        metrics = eval_metrics(totals, corpus.bytes_per_token_validation, prefix="eval")
+        metrics = trainer.evaluate(batches, prefix="eval")
         result = {"run": str(run_dir), "step": step_k, "family": plan.model.family,
                   "objective": train_cfg.objective.name, **metrics}
         if cfg.samples and plan.model.family != "encoder_only":
-            model = nnx.merge(graphdef, restored.params)
-            result["samples"] = sample_continuations(model, corpus.tokenizer, cfg.samples, cfg.max_new_tokens)
+            result["samples"] = sample_continuations(trainer.model, trainer.tokenizer, cfg.samples, cfg.max_new_tokens)
         tracker.log({**metrics, "tokens": step_k * plan.tokens_per_step}, step_k)
         _print_result(result)
         _record(run_dir, result)
@@ -119,18 +91,6 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
     if tracker is not None:
         tracker.finish()
     return results
-
-
-def _restore(checkpoints: Checkpointer, step: int, like: TrainState, run_dir: Path) -> TrainState:
-    try:
-        restored = checkpoints.restore(step, abstract_like(to_checkpoint(like)))
-    except CheckpointError:
-        raise
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"checkpoint step {step} in {run_dir} does not match its saved config ({str(error).splitlines()[0]})"
-        ) from error
-    return from_checkpoint(restored.state, like)
 
 
 def sample_continuations(model, tokenizer, n_prompts: int, max_new_tokens: int) -> list[dict]:

@@ -29,11 +29,11 @@ import numpy as np
 from flax import nnx
 
 from archlab.errors import ConfigError
-from archlab.nn.models import DecoderOnly, EncoderDecoder, EncoderOnly
+from archlab.nn.models import LanguageModel
 from archlab.tokens import SPECIAL
 
 Array = jax.Array
-Model = DecoderOnly | EncoderDecoder | EncoderOnly
+Model = LanguageModel
 
 # How often each jitted function has been traced (incremented inside the traced bodies):
 # tests read it to prove the decode step compiles once, not once per token.
@@ -140,19 +140,19 @@ def _decoder_only_functions(graphdef, sampling: Sampling) -> tuple[Callable, Cal
         )
         rng, draw = jax.random.split(rng)
         # Left padding puts every row's last prompt token in the last column: only it needs the head.
-        logits_BV = model.lm_head(hidden_BPD[:, -1:], model.embed.tokens)[:, 0].astype(jnp.float32)
+        logits_BV = model.logits(hidden_BPD[:, -1:])[:, 0].astype(jnp.float32)
         token_B, logprob_B, done_B = _choose(logits_BV, draw, jnp.zeros((batch,), bool), sampling, eos_id)
         return caches, token_B, logprob_B, done_B, logits_BV, rng
 
     def step(state, caches, token_B, index, rng, done_B, eos_id, pad_B, cache_segment_ids_BS):
         TRACE_COUNTS["decoder_only_step"] += 1
         model = nnx.merge(graphdef, state)
-        logits_B1V, caches = model(
+        hidden_B1D, caches = model.hidden(
             token_B[:, None], positions_BT=(index - pad_B)[:, None], caches=caches, cache_index=index,
             cache_segment_ids_BS=cache_segment_ids_BS,
         )
         rng, draw = jax.random.split(rng)
-        logits_BV = logits_B1V[:, 0].astype(jnp.float32)
+        logits_BV = model.logits(hidden_B1D)[:, 0].astype(jnp.float32)
         token_B, logprob_B, done_B = _choose(logits_BV, draw, done_B, sampling, eos_id)
         return caches, token_B, logprob_B, done_B, logits_BV, rng
 
@@ -170,12 +170,12 @@ def _encoder_decoder_functions(graphdef, sampling: Sampling) -> tuple[Callable, 
         TRACE_COUNTS["encoder_decoder_step"] += 1
         model = nnx.merge(graphdef, state)
         positions_B1 = jnp.full((token_B.shape[0], 1), index, jnp.int32)
-        logits_B1V, caches = model.decode(
+        hidden_B1D, caches = model.hidden(
             token_B[:, None], encoder_segment_ids_BS=encoder_segment_ids_BS, positions_BT=positions_B1,
             caches=caches, cache_index=index, cross_kv=cross_kv,
         )
         rng, draw = jax.random.split(rng)
-        logits_BV = logits_B1V[:, 0].astype(jnp.float32)
+        logits_BV = model.logits(hidden_B1D)[:, 0].astype(jnp.float32)
         token_B, logprob_B, done_B = _choose(logits_BV, draw, done_B, sampling, eos_id)
         return caches, token_B, logprob_B, done_B, logits_BV, rng
 

@@ -27,151 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-PEER_SHAPE = ["model=decoder_only", "objective=clm", "size=medium", "data.seq_len=256", "run.batch_size=8",
-              "data.vocab_size=8192", "model.activation=gelu_tanh", "model.dtype=float32"]
+from archlab.bench.harness import PEER_SHAPE, BenchShape, emit, machine, peak_memory_mb, time_interleaved
 # The layer modes archlab offers, timed beside the default (scanned layers, remat=auto:
 # dots_no_batch on the CPU) under --peer.
 PEER_VARIANTS = ["model.scan_layers=false", "model.remat=none"]
-QUIET = ["logger=none", "run.progress=false", "run.samples=0"]
-
-
-def emit(record: dict, sink: list) -> None:
-    sink.append(record)
-    print(json.dumps(record), flush=True)
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from archlab.cli import _first_set
-    from archlab.schema import register_configs
-
-    register_configs()
-    if not OmegaConf.has_resolver("archlab.or"):
-        OmegaConf.register_new_resolver("archlab.or", _first_set)
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("train", overrides=[*QUIET, *overrides]))
-
-
-def peak_memory_mb() -> dict:
-    """Process RSS high-water mark on the CPU; the device allocator's peak elsewhere."""
-    import jax
-
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        stats = device.memory_stats() or {}
-        return {"peak_device_mb": stats.get("peak_bytes_in_use", 0) / 2**20}
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-class Setup:
-    """Config, corpus, plan, model and the jitted step of one benchmark shape."""
-
-    def __init__(self, overrides: list[str]):
-        import jax
-        from flax import nnx
-
-        from archlab.data import build_iterator
-        from archlab.nn.models import build_model
-        from archlab.train.optim import make_optimizer
-        from archlab.train.setup import check_batch, load_corpus, make_plan, objective_transform, row_length_for
-        from archlab.train.sharding import Mesh1D
-        from archlab.train.state import TrainState
-        from archlab.train.step import make_train_step
-
-        self.overrides = overrides
-        self.cfg = cfg = compose(overrides)
-        check_batch(cfg)
-        self.corpus = load_corpus(cfg.data, row_length_for(cfg))
-        self.plan = make_plan(cfg, self.corpus.tokenizer.vocab_size)
-        self.transform = objective_transform(cfg, self.corpus.tokenizer.vocab_size)
-        self.iterator = lambda: build_iterator(
-            self.corpus.train, batch_size=cfg.run.batch_size, seed=cfg.run.seed, transform=self.transform
-        )
-        self.host_batch = next(self.iterator())
-        self.model = build_model(self.plan.model, seed=cfg.run.seed)
-        graphdef, params = nnx.split(self.model)
-        self.tx, self.schedule = make_optimizer(cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step)
-        self.mesh = Mesh1D()
-        accum = cfg.optimizer.grad_accum_steps
-        batch = self.host_batch
-        if accum > 1:
-            batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
-        self.batch = self.mesh.shard_batch(batch, leading_axes=1 if accum > 1 else 0)
-        self.state = self.mesh.replicate(TrainState.create(jax.tree.map(jax.numpy.copy, params), self.tx))
-        self.jitted = make_train_step(graphdef, self.tx, grad_accum_steps=accum, skip_nonfinite=False)
-
-    def describe(self) -> dict:
-        m, cfg = self.plan.model, self.cfg
-        return {
-            "family": m.family, "objective": cfg.objective.name, "d_model": m.d_model, "n_layers": m.n_layers,
-            "n_heads": m.n_heads, "d_ff": m.d_ff, "vocab": m.vocab_size, "seq_len": cfg.data.seq_len,
-            "batch": cfg.run.batch_size, "dtype": m.dtype, "scan_layers": m.scan_layers, "remat": m.remat_policy,
-            "attention_kernel": m.attention_kernel, "head_chunk": m.head_chunk_size, "params": self.plan.params.total,
-            "tokens_per_step": self.plan.tokens_per_step,
-        }
-
-    def compile(self) -> tuple[dict, callable]:
-        """AOT trace+lower and compile of the train step; returns timings and a ``run_one_step``."""
-        import jax
-
-        start = time.perf_counter()
-        lowered = self.jitted.lower(self.state, self.batch)
-        lower_s = time.perf_counter() - start
-        start = time.perf_counter()
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - start
-        memory = compiled.memory_analysis()
-        temp_mb = getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory is not None else None
-        holder = [self.state]
-
-        def run_one_step() -> float:
-            holder[0], metrics = compiled(holder[0], self.batch)
-            jax.block_until_ready((holder[0], metrics))
-            return float(metrics["loss"])
-
-        return {"lower_s": lower_s, "compile_s": compile_s, "xla_temp_mb": temp_mb}, run_one_step
-
-
-def process_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def time_interleaved(runners: dict, *, warmup: int, rounds: int, steps: int) -> dict[str, dict[str, list[float]]]:
-    """Per-step wall and process-CPU seconds of each runner, alternating round by round.
-
-    CPU seconds are a second, load-robust view: on a shared machine wall time also counts the
-    time other processes held the cores.
-    """
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times = {name: {"wall": [], "cpu": []} for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            for _ in range(steps):
-                wall, cpu = time.perf_counter(), process_cpu_s()
-                loss = run()
-                times[name]["wall"].append(time.perf_counter() - wall)
-                times[name]["cpu"].append(process_cpu_s() - cpu)
-            if loss != loss:  # NaN: a broken benchmark, not a fast one
-                raise RuntimeError(f"{name} produced a NaN loss")
-    return times
-
-
-def train_record(name: str, times: dict[str, list[float]], setup: "Setup", peak: float, extra: dict) -> dict:
+def train_record(name: str, times: dict[str, list[float]], setup: BenchShape, peak: float, extra: dict) -> dict:
     wall, median = times["wall"], statistics.median(times["wall"])
     return {
         "measure": "train", "impl": name, **extra.pop("describe"), "tokens_per_s": setup.plan.tokens_per_step / median,
@@ -182,7 +46,7 @@ def train_record(name: str, times: dict[str, list[float]], setup: "Setup", peak:
     }
 
 
-def bench_train(setup: Setup, args, sink: list, peers: bool) -> None:
+def bench_train(setup: BenchShape, args, sink: list, peers: bool) -> None:
     """archlab as configured, each ``--variant``, and with ``--peer`` the peers, interleaved."""
     from archlab.accounting import device_peak_flops
 
@@ -194,17 +58,17 @@ def bench_train(setup: Setup, args, sink: list, peers: bool) -> None:
     for variant in args.variant:
         extra = variant.split()
         name = f"archlab {' '.join(extra)}"
-        setups[name] = variant_setup = Setup([*setup.overrides, *extra])  # its own tokens and FLOPs per step
+        setups[name] = variant_setup = BenchShape([*setup.overrides, *extra])  # its own tokens and FLOPs per step
         compile_info, runners[name] = variant_setup.compile()
         info[name] = {"describe": variant_setup.describe(), **compile_info}
     if peers:
-        import benchmark_peers
+        from archlab.bench import peers as benchmark_peers
 
         peer_shape = {**setup.describe(), "scan_layers": None, "remat": None, "attention_kernel": None,
                       "head_chunk": None}
         for name, build in (("hf_torch", benchmark_peers.torch_step), ("hf_flax", benchmark_peers.flax_step)):
             if name.removeprefix("hf_") in args.peers:
-                runners[name], seconds = build(setup.plan.model, setup.cfg.optimizer, setup.schedule, setup.host_batch)
+                runners[name], seconds = build(setup.plan.model, setup.cfg.optimizer, setup.trainer.schedule, setup.host_batch)
                 info[name] = {"describe": peer_shape, "compile_s": seconds}
     times = time_interleaved(runners, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
     records = {name: train_record(name, times[name], setups.get(name, setup), peak, info[name]) for name in runners}
@@ -217,12 +81,12 @@ def bench_train(setup: Setup, args, sink: list, peers: bool) -> None:
                   "cpu_ms_ratio": records[peer]["cpu_ms"] / records[ours]["cpu_ms"]}, sink)
 
 
-def bench_decode(setup: Setup, args, sink: list) -> None:
+def bench_decode(setup: BenchShape, args, sink: list) -> None:
     import numpy as np
 
     from archlab.generate import generate
 
-    model, family = setup.model, setup.plan.model.family
+    model, family = setup.trainer.model, setup.plan.model.family
     if family == "encoder_only":
         return
     batch, max_len = setup.cfg.run.batch_size, setup.plan.model.max_seq_len
@@ -244,8 +108,8 @@ def bench_decode(setup: Setup, args, sink: list) -> None:
           "first_call_s": first_s, "runs": len(runs), "kv_cache_dtype": setup.plan.model.cache_dtype}, sink)
 
 
-def bench_pipeline(setup: Setup, args, sink: list, train_tokens_per_s: float | None) -> None:
-    iterator = setup.iterator()
+def bench_pipeline(setup: BenchShape, args, sink: list, train_tokens_per_s: float | None) -> None:
+    iterator = setup.trainer.iterator()
     for _ in range(3):
         next(iterator)
     start = time.perf_counter()
@@ -273,28 +137,12 @@ def bench_depth_compile(args, sink: list) -> None:
     for mode in args.depth_modes:
         seconds = {}
         for layers in (2, 24):
-            setup = Setup([*base, f"model.n_layers={layers}", *DEPTH_MODES[mode]])
+            setup = BenchShape([*base, f"model.n_layers={layers}", *DEPTH_MODES[mode]])
             info, _ = setup.compile()
             seconds[layers] = info["compile_s"]
             emit({"measure": "compile_depth", "impl": "archlab", **setup.describe(), **info}, sink)
         emit({"measure": "ratio", "impl": f"compile 24/2 layers ({mode})", "compile_s_ratio": seconds[24] / seconds[2]},
              sink)
-
-
-def machine() -> dict:
-    import jax
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"measure": "machine", "cpu": cpu, "cores": os.cpu_count(), "device": str(jax.devices()[0].device_kind),
-            "platform": jax.devices()[0].platform, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "loadavg_1m": os.getloadavg()[0]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -328,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         args.variant = PEER_VARIANTS if args.peer and not args.overrides else []
     args.depth_modes = args.depth_modes.split(",")
     if args.markdown_from:
-        import benchmark_tables
+        from archlab.bench import tables as benchmark_tables
 
         lines = [json.loads(x) for x in args.markdown_from.read_text().splitlines() if x.startswith("{")]
         print(benchmark_tables.markdown(lines))
@@ -339,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         bench_depth_compile(args, sink)
     else:
         overrides = args.overrides if args.overrides or not args.peer else PEER_SHAPE
-        setup = Setup(overrides)
+        setup = BenchShape(overrides)
         if args.peer:  # a shape the reference model cannot express: one line, before anything compiles
-            import benchmark_peers
+            from archlab.bench import peers as benchmark_peers
 
             from archlab.errors import ConfigError
 
@@ -357,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.decode:
             bench_decode(setup, args, sink)
     if args.markdown:
-        import benchmark_tables
+        from archlab.bench import tables as benchmark_tables
 
         print(benchmark_tables.markdown(sink))
 

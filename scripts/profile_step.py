@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def device_events(trace: dict) -> dict[str, list[dict]]:
@@ -61,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import jax
 
-    from benchmark import Setup
+    from archlab.bench.harness import BenchShape
 
-    setup = Setup(args.overrides)
+    setup = BenchShape(args.overrides)
     _, run_one_step = setup.compile()
     for _ in range(args.warmup):
         run_one_step()

@@ -9,8 +9,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
@@ -37,18 +35,12 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def compose_train(overrides: list[str], cache_dir: Path, shrink: bool = True):
-    """``(TrainConfig, resolved dict)`` exactly as ``archlab-train`` would build them."""
-    from archlab.cli import _first_set
-    from archlab.schema import register_configs
+    """The ``TrainConfig`` ``archlab-train`` would build, shrunk to test size unless ``shrink=False``."""
+    from archlab.trainer import compose
 
-    register_configs()
-    if not OmegaConf.has_resolver("archlab.or"):
-        OmegaConf.register_new_resolver("archlab.or", _first_set)
     overridden = {o.split("=")[0] for o in overrides}
     shrunk = [s for s in SHRINK if s.split("=")[0] not in overridden] if shrink else []
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*shrunk, f"data.cache_dir={cache_dir}", *overrides])
-    return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
+    return compose([*shrunk, f"data.cache_dir={cache_dir}", *overrides])
 
 
 @pytest.fixture
@@ -57,8 +49,7 @@ def train_run(cache_dir):
     from archlab.train.loop import train
 
     def run(run_dir: Path, *overrides: str) -> dict:
-        config, resolved = compose_train(list(overrides), cache_dir)
-        return train(config, Path(run_dir), resolved_config=resolved)
+        return train(compose_train(list(overrides), cache_dir), Path(run_dir))
 
     return run
 
@@ -69,6 +60,5 @@ def prepared_run(tmp_path_factory, cache_dir) -> Path:
     from archlab.train.loop import train
 
     run_dir = tmp_path_factory.mktemp("prepared") / "run"
-    config, resolved = compose_train([], cache_dir)
-    train(config, run_dir, resolved_config=resolved)
+    train(compose_train([], cache_dir), run_dir)
     return run_dir

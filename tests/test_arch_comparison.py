@@ -90,9 +90,9 @@ def test_decode_and_prefill_flops_match_xla(family, cache_dtype):
 
     def decode(state, caches, encoded_BSD):
         model = nnx.merge(graphdef, state)
-        if family == "decoder_only":
-            return model(token_B1, positions_BT=token_B1 * 5, caches=caches, cache_index=5)
-        return model.decode(token_B1, encoded_BSD, positions_BT=token_B1 * 5, caches=caches, cache_index=5)
+        memory = {} if family == "decoder_only" else {"encoded_BSD": encoded_BSD}
+        hidden_B1D, caches = model.hidden(token_B1, **memory, positions_BT=token_B1 * 5, caches=caches, cache_index=5)
+        return model.logits(hidden_B1D), caches
 
     def prefill(state):
         model = nnx.merge(graphdef, state)
@@ -100,7 +100,7 @@ def test_decode_and_prefill_flops_match_xla(family, cache_dtype):
         if family == "encoder_decoder":
             return model.encode(tokens_BP)
         hidden_BPD, caches = model.hidden(tokens_BP, caches=model.init_caches(1, context), cache_index=0)
-        return model.lm_head(hidden_BPD[:, -1:], model.embed.tokens), caches
+        return model.logits(hidden_BPD[:, -1:]), caches
 
     caches = build_model(cfg).init_caches(1, context)
     encoded_BSD = jnp.ones((1, input_len, cfg.d_model))

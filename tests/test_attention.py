@@ -83,7 +83,7 @@ def test_self_attention_matches_float64(kernel, mask_name, kv_heads):
     attn, cfg = make_attention(kernel, n_kv_heads=kv_heads)
     x, _ = inputs()
     mask = SELF_MASKS[mask_name]
-    out = attn(x, mask_BQK=mask)
+    out = attn(x, mask_BQK=mask)[0]
     valid = np.asarray(mask).any(-1)  # rows with no visible key (padding queries) are undefined
     np.testing.assert_allclose(np.asarray(out)[valid], reference(attn, cfg, x, None, mask)[valid], atol=2e-5)
 
@@ -94,11 +94,11 @@ def test_cross_attention_with_encoder_padding(kernel):
     x_q, x_kv = inputs(1)
     enc_segments = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     mask = masks.cross_mask(jnp.ones((B, T), jnp.int32), enc_segments)
-    out = attn(x_q, x_kv, mask_BQK=mask)
+    out = attn(x_q, x_kv, mask_BQK=mask)[0]
     np.testing.assert_allclose(np.asarray(out), reference(attn, cfg, x_q, x_kv, mask), atol=2e-5)
     # Encoder padding must not matter: change the padded encoder states and nothing moves.
     x_kv_changed = x_kv.at[0, 3:].set(100.0)
-    np.testing.assert_allclose(np.asarray(attn(x_q, x_kv_changed, mask_BQK=mask)), np.asarray(out), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(attn(x_q, x_kv_changed, mask_BQK=mask)[0]), np.asarray(out), atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -109,7 +109,7 @@ def test_relative_bias_and_rope_match_float64(kernel):
     rel = RelativePositionBias(cfg.replace(position="relative"), bidirectional=False, rngs=nnx.Rngs(params=0))
     bias = rel(positions, positions)
     mask = SELF_MASKS["causal_segment"]
-    out = attn(x, mask_BQK=mask, bias_BNQK=bias, q_positions_BT=positions)
+    out = attn(x, mask_BQK=mask, bias_BNQK=bias, q_positions_BT=positions)[0]
     expected = reference(attn, cfg, x, None, mask, bias=bias, positions=np.asarray(positions))
     valid = np.asarray(mask).any(-1)
     np.testing.assert_allclose(np.asarray(out)[valid], expected[valid], atol=2e-5)
@@ -134,7 +134,7 @@ def test_decoder_self_attention_is_causal_by_gradient(kernel):
     x, _ = inputs(3)
     mask = SELF_MASKS["causal"]
     for t in range(T):
-        grad = jax.grad(lambda x_: attn(x_, mask_BQK=mask)[:, t].sum())(x)
+        grad = jax.grad(lambda x_: attn(x_, mask_BQK=mask)[0][:, t].sum())(x)
         later = np.abs(np.asarray(grad[:, t + 1:])).max() if t + 1 < T else 0.0
         earlier = np.abs(np.asarray(grad[:, : t + 1])).max()
         assert later == 0.0, f"output {t} depends on a later input"
@@ -145,7 +145,7 @@ def test_encoder_self_attention_is_fully_bidirectional():
     attn, _ = make_attention("xla")
     x, _ = inputs(4)
     mask = masks.bidirectional_mask(jnp.ones((B, T), jnp.int32))
-    jacobian = jax.jacobian(lambda x_: attn(x_, mask_BQK=mask).sum(-1))(x)  # [B, T, B, T, D]
+    jacobian = jax.jacobian(lambda x_: attn(x_, mask_BQK=mask)[0].sum(-1))(x)  # [B, T, B, T, D]
     per_pair = np.abs(np.asarray(jacobian)).sum(-1)
     for b in range(B):
         assert (per_pair[b, :, b, :] > 0).all(), "some output position ignores some input position"
@@ -155,14 +155,14 @@ def test_kernels_agree():
     outputs = []
     for kernel in KERNELS:
         attn, _ = make_attention(kernel, n_kv_heads=2)
-        outputs.append(np.asarray(attn(inputs(5)[0], mask_BQK=SELF_MASKS["prefix_lm"])))
+        outputs.append(np.asarray(attn(inputs(5)[0], mask_BQK=SELF_MASKS["prefix_lm"])[0]))
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
 
 
 def test_cached_attention_matches_full():
     attn, cfg = make_attention("xla", n_kv_heads=2)
     x, _ = inputs(6)
-    full = attn(x, mask_BQK=SELF_MASKS["causal"])
+    full, _ = attn(x, mask_BQK=SELF_MASKS["causal"])
     cache = KVCache.zeros(cfg, B, 10)
     prefill_mask = masks.causal_mask(4, 10)
     out_prefix, cache = attn(x[:, :4], mask_BQK=jnp.broadcast_to(prefill_mask, (B, 4, 10)), cache=cache, cache_index=0)
@@ -203,7 +203,7 @@ def test_kernels_agree_in_bfloat16(case, kv_heads):
     outputs = {}
     for kernel in KERNELS:
         attn, cfg = make_attention(kernel, n_kv_heads=kv_heads, dtype="bfloat16")
-        out = attn(x_q, kv_input, mask_BQK=mask, bias_BNQK=bias)
+        out, _ = attn(x_q, kv_input, mask_BQK=mask, bias_BNQK=bias)
         assert out.dtype == jnp.bfloat16
         outputs[kernel] = np.asarray(out.astype(jnp.float32))
     expected = reference(attn, cfg, x_q, kv_input, mask, bias=bias)

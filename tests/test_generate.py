@@ -83,13 +83,13 @@ def test_decoding_from_projected_encoder_keys_and_values_equals_decoding_from_th
     cross_kv = net.cross_kv(encoded_BSD)
     assert cross_kv[0].shape == (TINY["n_layers"], *encoder_BS.shape, ENC_DEC["n_kv_heads"], 32 // 4)
     decoder_BT = jnp.asarray([[SPECIAL.pad, 5, 6, 7], [SPECIAL.pad, 8, 9, 10], [SPECIAL.pad, 11, 12, 13]], jnp.int32)
-    from_encoded = net.decode(decoder_BT, encoded_BSD, encoder_segment_ids_BS=encoder_segments_BS)
-    from_projected = net.decode(decoder_BT, encoder_segment_ids_BS=encoder_segments_BS, cross_kv=cross_kv)
+    from_encoded, _ = net.hidden(decoder_BT, encoded_BSD, encoder_segment_ids_BS=encoder_segments_BS)
+    from_projected, _ = net.hidden(decoder_BT, encoder_segment_ids_BS=encoder_segments_BS, cross_kv=cross_kv)
     np.testing.assert_allclose(np.asarray(from_projected), np.asarray(from_encoded), atol=1e-6)
     with pytest.raises(ValueError, match="exactly one"):
-        net.decode(decoder_BT, encoded_BSD, cross_kv=cross_kv)
+        net.hidden(decoder_BT, encoded_BSD, cross_kv=cross_kv)
     with pytest.raises(ValueError, match="exactly one"):
-        net.decode(decoder_BT)
+        net.hidden(decoder_BT)
 
 
 @pytest.mark.parametrize("name", [*VARIANTS, "enc_dec"])

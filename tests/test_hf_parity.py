@@ -122,8 +122,8 @@ def test_bert_hf_to_archlab(tmp_path, architecture):
     types = np.random.default_rng(5).integers(0, 3, size=ids.shape)
     out = run(hf, input_ids=ids, attention_mask=mask, token_type_ids=types)
     ref = out.logits if architecture == "BertForMaskedLM" else out.prediction_logits
-    hidden = model.encode(j(ids), segment_ids_BT=j(mask), token_types_BT=j(types))
-    assert max_diff(ref.numpy(), model.lm_head(hidden, model.embed.tokens), mask) <= TOL
+    hidden, _ = model.hidden(j(ids), segment_ids_BT=j(mask), token_types_BT=j(types))
+    assert max_diff(ref.numpy(), model.logits(hidden), mask) <= TOL
     assert cfg.pooler == (architecture == "BertForPreTraining")  # BertForMaskedLM has no pooler
     if cfg.pooler:
         pooled = run(hf.bert, input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output.numpy()
@@ -144,7 +144,7 @@ def test_bert_archlab_to_hf(tmp_path, overrides):
     if cfg.pooler:
         base = transformers.BertModel.from_pretrained(tmp_path, **EAGER).eval()
         pooled = run(base, input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output.numpy()
-        hidden = model.encode(j(ids), segment_ids_BT=j(mask), token_types_BT=j(types))
+        hidden, _ = model.hidden(j(ids), segment_ids_BT=j(mask), token_types_BT=j(types))
         assert max_diff(pooled, model.pool(hidden, j(mask)), np.ones(pooled.shape)) <= TOL
     if not overrides:  # a zero token-type row and zero head bias come back as real parameters
         assert_roundtrip(cfg, model, tmp_path)

@@ -119,15 +119,16 @@ def teacher_forced(cache_dtype: str, family: str = "decoder_only") -> np.ndarray
     def run(state, tokens_BT):
         model = nnx.merge(graphdef, state)
         caches = model.init_caches(tokens_BT.shape[0], LENGTH)
-        encoded_BSD = model.encode(tokens_BT[:, ::-1]) if family == "encoder_decoder" else None
+        # The one family contract: hidden(new tokens, [encoder memory], caches=...) then logits.
+        memory = {"encoded_BSD": model.encode(tokens_BT[:, ::-1])} if family == "encoder_decoder" else {}
 
         def step(caches, index, new_BT):
             positions_BT = index + jnp.broadcast_to(jnp.arange(new_BT.shape[1]), new_BT.shape)
-            if encoded_BSD is None:
-                return model(new_BT, positions_BT=positions_BT, caches=caches, cache_index=index)
-            return model.decode(new_BT, encoded_BSD, positions_BT=positions_BT, caches=caches, cache_index=index)
+            hidden_BTD, caches = model.hidden(new_BT, **memory, positions_BT=positions_BT, caches=caches,
+                                              cache_index=index)
+            return model.logits(hidden_BTD), caches
 
-        first = PREFILL if encoded_BSD is None else 1
+        first = 1 if memory else PREFILL
         logits_BPV, caches = step(caches, 0, tokens_BT[:, :first])
 
         def body(caches, index):

@@ -1,26 +1,19 @@
-"""experiments/throughput/matmul_floor.py: the products it finds in a step, their counts and FLOPs."""
+"""archlab/bench/products.py (what experiments/throughput/matmul_floor.py times): the products it finds
+in a step, their counts and FLOPs."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def floor_module():
-    sys.path.insert(0, str(REPO / "scripts"))
-    spec = importlib.util.spec_from_file_location("matmul_floor", REPO / "experiments/throughput/matmul_floor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from archlab.bench import products
+
+    return products
 
 
 def _step(x_TD, w_LDD, q_BNTH):

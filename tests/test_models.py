@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from archlab.accounting import count_params, count_tree_params, forward_flops, kv_cache_bytes
-from archlab.config import PRESETS, ModelConfig, preset
+from archlab.config import PRESETS, ModelConfig, preset, resolve_auto
 from archlab.errors import ConfigError
 from archlab.nn.heads import ClassificationHead, SpanHead, TaggingHead
 from archlab.nn.models import DecoderOnly, EncoderOnly, build_model
@@ -155,7 +155,7 @@ def test_task_heads_shapes_and_padding():
     model = build_model(cfg)
     toks = tokens(2, 9)
     segments = jnp.array([[1] * 9, [1] * 6 + [0] * 3], jnp.int32)
-    hidden = model.encode(toks, segment_ids_BT=segments)
+    hidden, _ = model.hidden(toks, segment_ids_BT=segments)
     rngs = nnx.Rngs(params=0)
     assert ClassificationHead(cfg, 3, rngs=rngs)(hidden, segments, model.pool(hidden, segments)).shape == (2, 3)
     assert TaggingHead(cfg, 5, rngs=rngs)(hidden).shape == (2, 9, 5)
@@ -246,7 +246,10 @@ def test_chunked_head_loss_equals_materialised_logits_for_every_family(name):
 def test_auto_defaults_resolve_per_backend():
     cfg = tiny("gpt2")
     assert cfg.remat == "auto" and cfg.head_chunk == -1
-    assert cfg.remat_policy == ("dots_no_batch" if jax.default_backend() in ("cpu", "gpu") else "none")
-    assert cfg.head_chunk_size == (512 if jax.default_backend() == "cpu" else 0)
-    assert tiny("gpt2", remat="none").remat_policy == "none"
-    assert tiny("gpt2", head_chunk=0).head_chunk_size == 0
+    resolved = resolve_auto(cfg)
+    assert resolved.remat == ("dots_no_batch" if jax.default_backend() in ("cpu", "gpu") else "none")
+    assert resolved.head_chunk == (512 if jax.default_backend() == "cpu" else 0)
+    assert resolve_auto(cfg, backend="tpu").remat == "none" and resolve_auto(cfg, backend="gpu").head_chunk == 0
+    assert resolve_auto(tiny("gpt2", remat="none")).remat == "none"
+    assert resolve_auto(tiny("gpt2", head_chunk=0)).head_chunk == 0
+    assert build_model(cfg).cfg == resolved  # the model runs the resolved values

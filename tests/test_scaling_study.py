@@ -4,7 +4,6 @@ metric, and the analysis command end to end (on a synthetic results table)."""
 import importlib.util
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,12 +19,9 @@ MAX_EPOCHS = 4.0
 
 def sweep_combinations(preset: str) -> list[list[str]]:
     """Every override list the preset's ``hydra.sweeper.params`` expands to (a cartesian product)."""
-    from archlab.cli import _first_set
-    from archlab.schema import register_configs
+    from archlab.cli import prepare_hydra
 
-    register_configs()
-    if not OmegaConf.has_resolver("archlab.or"):
-        OmegaConf.register_new_resolver("archlab.or", _first_set)
+    prepare_hydra()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"sweep={preset}"], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params) or {}
@@ -72,7 +68,7 @@ def test_every_sweep_combination_composes_and_fits_the_corpus(preset, cache_dir,
     checked = [combos[0], *[c for c in at_max if c not in (combos[0], combos[-1])], combos[-1]]
     names = set()
     for combo in checked:
-        cfg, _ = compose_train([f"sweep={preset}", *combo], cache_dir, shrink=False)
+        cfg = compose_train([f"sweep={preset}", *combo], cache_dir, shrink=False)
         train_tokens, vocab = corpus_tokens(cfg)
         plan = make_plan(cfg, vocab)
         epochs = plan.total_steps * plan.tokens_per_step / train_tokens
@@ -91,7 +87,7 @@ def test_scaling_ladder_spans_thirty_times_in_parameters(cache_dir, corpus_token
     assert len(sizes) >= 6 and len(budgets) >= 3
     params = []
     for size in sizes:
-        cfg, _ = compose_train(["sweep=scaling_decoder", size], cache_dir, shrink=False)
+        cfg = compose_train(["sweep=scaling_decoder", size], cache_dir, shrink=False)
         assert cfg.model.n_layers >= 2
         params.append(make_plan(cfg, corpus_tokens(cfg)[1]).params.total)
     assert max(params) / min(params) >= 30
@@ -102,14 +98,14 @@ def test_scaling_ladder_spans_thirty_times_in_parameters(cache_dir, corpus_token
 def test_flops_budget_sets_the_token_budget(family, objective, cache_dir):
     from archlab.train.setup import make_plan
 
-    cfg, _ = compose_train([f"model={family}", f"objective={objective}", "run.flops=3e9"], cache_dir)
+    cfg = compose_train([f"model={family}", f"objective={objective}", "run.flops=3e9"], cache_dir)
     plan = make_plan(cfg, 512)
     per_token = plan.flops.train / plan.row_length
     assert plan.token_budget == int(3e9 / per_token)
     realised = plan.derived()["train_flops_total"]
     assert 3e9 <= realised < 3e9 + plan.train_flops_per_step
     # run.flops wins over the other budget fields
-    cfg2, _ = compose_train([f"model={family}", f"objective={objective}", "run.flops=3e9", "run.tokens=999999"],
+    cfg2 = compose_train([f"model={family}", f"objective={objective}", "run.flops=3e9", "run.tokens=999999"],
                             cache_dir)
     assert make_plan(cfg2, 512).token_budget == plan.token_budget
 
@@ -117,7 +113,7 @@ def test_flops_budget_sets_the_token_budget(family, objective, cache_dir):
 def test_flops_budget_below_one_batch_is_refused(cache_dir):
     from archlab.train.setup import make_plan
 
-    cfg, _ = compose_train(["run.flops=1000"], cache_dir)
+    cfg = compose_train(["run.flops=1000"], cache_dir)
     with pytest.raises(ConfigError, match="run.flops=1e\\+03 buys 0 tokens, less than one batch"):
         make_plan(cfg, 512)
     with pytest.raises(ConfigError, match="run.flops must be positive"):

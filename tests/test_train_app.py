@@ -79,8 +79,8 @@ def trained_families(tmp_path_factory, cache_dir):
     runs = {}
     for experiment in ("quickstart", "bert_mlm", "t5_span_corruption"):
         run_dir = tmp_path_factory.mktemp(experiment) / "run"
-        config, resolved = compose_train([f"experiment={experiment}", "run.steps=2"], cache_dir)
-        train(config, run_dir, resolved_config=resolved)
+        config = compose_train([f"experiment={experiment}", "run.steps=2"], cache_dir)
+        train(config, run_dir)
         runs[config.model.family] = run_dir
     return runs
 

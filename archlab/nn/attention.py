@@ -28,9 +28,6 @@ log = logging.getLogger(__name__)
 
 
 INT8_MAX = 127
-FUSE_QKV = True
-# Query blocks of the XLA kernel under a causal mask (1 = one dense block).
-CAUSAL_BLOCKS = 2
 KV_SCALE_DTYPE = jnp.float32
 
 
@@ -178,15 +175,16 @@ def _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float
 
 
 def attend(
-    q_BTNH, k_BSKH, v_BSKH, *, mask_BQK, bias_BNQK=None, scale: float, kernel: str = "xla", causal: bool = False
+    q_BTNH, k_BSKH, v_BSKH, *, mask_BQK, bias_BNQK=None, scale: float, kernel: str = "xla", causal: bool = False,
+    causal_blocks: int = 2,
 ) -> Array:
     """softmax(q k^T * scale + bias, masked) v with the configured kernel.
 
-    ``causal`` promises that the mask hides every key after its query; the XLA kernel then skips
-    the score blocks above the diagonal (``CAUSAL_BLOCKS``).
+    ``causal`` promises that the mask hides every key after its query; the XLA kernel then splits
+    the queries into ``causal_blocks`` blocks and skips the score blocks above the diagonal.
     """
     if kernel == "xla":
-        return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale, CAUSAL_BLOCKS if causal else 1)
+        return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale, causal_blocks if causal else 1)
     if kernel == "dot_product_attention":
         return _library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale, None)
     reason = cudnn_refusal(q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[-1])
@@ -220,13 +218,16 @@ class Attention(nnx.Module):
     also take its keys and values already projected (``kv``, from ``project_kv``), which is how
     decoding reads the encoder once instead of once per generated token. With ``cache``,
     the new keys/values are written at ``cache_index`` and the queries attend the whole
-    fixed-shape cache (the caller's mask hides unwritten slots); returns ``(y, cache)``.
+    fixed-shape cache (the caller's mask hides unwritten slots). Always returns ``(y, cache)``:
+    the updated cache, or None when called without one.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float | None = None):
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         self.scale = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attention else 1.0
         self.kernel = cfg.attention_kernel
+        self.fuse_qkv = cfg.fuse_qkv
+        self.causal_blocks = cfg.causal_blocks
         self.use_rope = cfg.position == "rope"
         self.rope_theta = cfg.rope_theta
         dense = dict(use_bias=cfg.use_bias, dtype=compute_dtype(cfg), rngs=rngs)
@@ -260,7 +261,7 @@ class Attention(nnx.Module):
     ):
         is_self = x_kv_BSD is None and kv is None
         batch, q_len, _ = x_q_BTD.shape
-        if is_self and FUSE_QKV:
+        if is_self and self.fuse_qkv:
             q_BTF, k_BSF, v_BSF = fused_dense((self.q, self.k, self.v), x_q_BTD)
             k_BSKH, v_BSKH = self._split_kv_heads(k_BSF, v_BSF)
         else:
@@ -276,7 +277,6 @@ class Attention(nnx.Module):
         check_mask(mask_BQK, batch, q_len, k_BSKH.shape[1])
         out_BTNH = attend(
             q_BTNH, k_BSKH, v_BSKH, mask_BQK=mask_BQK, bias_BNQK=bias_BNQK, scale=self.scale, kernel=self.kernel,
-            causal=causal and cache is None,
+            causal=causal and cache is None, causal_blocks=self.causal_blocks,
         )
-        y_BTD = self.o(out_BTNH.reshape(batch, q_len, self.n_heads * self.head_dim))
-        return y_BTD if cache is None else (y_BTD, cache)
+        return self.o(out_BTNH.reshape(batch, q_len, self.n_heads * self.head_dim)), cache

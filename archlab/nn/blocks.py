@@ -50,26 +50,27 @@ class TransformerBlock(nnx.Module):
         self, x_BTD: Array, ctx: BlockContext, cache: KVCache | None = None, cache_index=None,
         cross_kv: tuple[Array, Array] | None = None,
     ):
-        """``cross_kv``: this layer's encoder keys and values, projected once (else from ``ctx.encoded_BSD``)."""
+        """``(x_BTD, cache)``: the updated cache, or None without one.
+
+        ``cross_kv``: this layer's encoder keys and values, projected once (else from ``ctx.encoded_BSD``).
+        """
         new_cache = None
 
         def self_attention(h_BTD: Array) -> Array:
             nonlocal new_cache
-            out = self.self_attn(
+            out_BTD, new_cache = self.self_attn(
                 h_BTD, mask_BQK=ctx.self_mask_BQK, bias_BNQK=ctx.self_bias_BNQK,
                 q_positions_BT=ctx.positions_BT, cache=cache, cache_index=cache_index, causal=ctx.causal,
             )
-            if cache is None:
-                return out
-            out, new_cache = out
-            return out
+            return out_BTD
 
         x_BTD = self._residual(self.self_attn_norm, self_attention, x_BTD)
         if self.cross_attn is not None:
-            cross = lambda h_BTD: self.cross_attn(h_BTD, ctx.encoded_BSD, kv=cross_kv, mask_BQK=ctx.cross_mask_BQK)
+            cross = lambda h_BTD: self.cross_attn(  # noqa: E731
+                h_BTD, ctx.encoded_BSD, kv=cross_kv, mask_BQK=ctx.cross_mask_BQK)[0]
             x_BTD = self._residual(self.cross_attn_norm, cross, x_BTD)
         x_BTD = self._residual(self.mlp_norm, self.mlp, x_BTD)
-        return x_BTD if cache is None else (x_BTD, new_cache)
+        return x_BTD, new_cache
 
 
 _REMAT_POLICIES = {
@@ -95,7 +96,7 @@ class LayerStack(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.n_layers = n_layers
         self.scan = cfg.scan_layers
-        self.remat = cfg.remat_policy
+        self.remat = cfg.remat  # resolved by the model (config.resolve_auto)
 
     def cross_kv(self, encoded_BSD: Array) -> tuple[Array, Array]:
         """Every layer's cross-attention keys and values of ``encoded``: ``[L, B, S, K, H]`` each."""
@@ -110,7 +111,7 @@ class LayerStack(nnx.Module):
         self, x_BTD: Array, ctx: BlockContext, caches: KVCache | None = None, cache_index=None,
         cross_kv: tuple[Array, Array] | None = None,
     ):
-        """With ``caches`` (each array with a leading layer axis) returns ``(x, caches)``.
+        """``(x, caches)``: with ``caches`` (each array with a leading layer axis) the updated ones, else None.
 
         ``cross_kv`` (from ``cross_kv()``, leading layer axis) replaces ``ctx.encoded_BSD`` for
         cross-attention.
@@ -119,10 +120,7 @@ class LayerStack(nnx.Module):
 
         def one_layer(x_BTD, layer_inputs):
             layer_params, cache, layer_cross_kv = layer_inputs
-            block = nnx.merge(graphdef, layer_params)
-            if cache is None:
-                return block(x_BTD, ctx, cross_kv=layer_cross_kv), None
-            return block(x_BTD, ctx, cache, cache_index, layer_cross_kv)
+            return nnx.merge(graphdef, layer_params)(x_BTD, ctx, cache, cache_index, layer_cross_kv)
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.remat])
@@ -135,4 +133,4 @@ class LayerStack(nnx.Module):
                 x_BTD, cache_i = one_layer(x_BTD, layer_i)
                 outputs.append(cache_i)
             new_caches = None if caches is None else jax.tree.map(lambda *a: jax.numpy.stack(a), *outputs)
-        return x_BTD if caches is None else (x_BTD, new_caches)
+        return x_BTD, new_caches

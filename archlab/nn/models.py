@@ -1,8 +1,12 @@
 """The three families: EncoderOnly (BERT), DecoderOnly (GPT), EncoderDecoder (T5).
 
-Each builds its masks once at the top and passes them down; networks never see a loss.
-Segment ids (0 = padding) default to "one document, no padding" and positions to
-``arange``; packed batches pass both.
+One contract for all three (``LanguageModel``): ``hidden(...)`` returns ``(hidden_BTD, caches)``
+(the final hidden states the head reads, and the updated KV caches or None), ``logits(hidden_BTD)``
+applies the LM head, and ``batch_hidden(batch)`` reads a batch of named inputs (the keys the
+objectives produce: ``inputs``, ``segment_ids``, ...; ``encoder_inputs``, ``decoder_inputs``, ...)
+so that losses and scores never branch on the family. Each model builds its masks once at the top
+and passes them down; networks never see a loss. Segment ids (0 = padding) default to "one
+document, no padding" and positions to ``arange``; packed batches pass both.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from archlab.config import ModelConfig
+from archlab.config import ModelConfig, resolve_auto
 from archlab.errors import ConfigError
 from archlab.nn import masks
 from archlab.nn.attention import KVCache
@@ -72,39 +76,92 @@ def _require_family(cfg: ModelConfig, family: str) -> None:
         raise ConfigError(f"model.family is {cfg.family!r} but this model class builds {family!r}")
 
 
-class EncoderOnly(nnx.Module):
-    """BERT: bidirectional encoder, MLM head, first-token pooler."""
+class LanguageModel(nnx.Module):
+    """What the three families share: the token table, the LM head, caches, and one stack pass."""
+
+    FAMILY: str
+    TARGETS = "targets"  # the batch key of the targets the LM head is scored against
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        _require_family(cfg, "encoder_only")
-        self.cfg = cfg
+        _require_family(cfg, self.FAMILY)
+        self.cfg = cfg = resolve_auto(cfg)
+        # Each family creates its modules in a fixed order (the embeddings first, the head where it
+        # always stood): the order of draws from ``rngs``, so a seed gives the same parameters.
         self.embed = Embedder(cfg, rngs=rngs)
+
+    def logits(self, hidden_BTD: Array) -> Array:
+        """Vocabulary logits ``[B, T, V]`` of final hidden states."""
+        return self.lm_head(hidden_BTD, self.embed.tokens)
+
+    def head_weights(self) -> tuple[Array, Array | None]:
+        """``(table_VD, bias_V)`` of the output projection, for the fused head-and-loss."""
+        return self.lm_head.output_weights(self.embed.tokens)
+
+    def init_caches(self, batch: int, max_len: int) -> KVCache:
+        """Zeroed caches for every cached (self-attention decoding) layer, on a leading layer axis."""
+        one = KVCache.zeros(self.cfg, batch, max_len)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.cached_layers, *a.shape)), one)
+
+    @property
+    def cached_layers(self) -> int:
+        return self.cfg.n_layers
+
+    def batch_hidden(self, batch) -> Array:
+        """Final hidden states ``[B, T, D]`` of a batch of named inputs (see the module docstring)."""
+        raise NotImplementedError
+
+    def _stack(
+        self, stack: LayerStack, norm: Norm | None, tokens_BT: Array, positions_BT: Array, ctx: BlockContext,
+        token_types_BT: Array | None = None, caches: KVCache | None = None, cache_index=None, cross_kv=None,
+    ) -> tuple[Array, KVCache | None]:
+        """Embed, run a layer stack, apply its final norm (pre-LN models)."""
+        x_BTD = self.embed(tokens_BT, positions_BT, token_types_BT)
+        hidden_BTD, caches = stack(x_BTD, ctx, caches, cache_index, cross_kv)
+        return (hidden_BTD if norm is None else norm(hidden_BTD)), caches
+
+
+def _final_norm(cfg: ModelConfig) -> Norm | None:
+    return Norm(cfg) if cfg.norm_position == "pre" else None
+
+
+class EncoderOnly(LanguageModel):
+    """BERT: bidirectional encoder, MLM head, first-token pooler."""
+
+    FAMILY = "encoder_only"
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.cfg
         self.relative_bias = (
             RelativePositionBias(cfg, bidirectional=True, rngs=rngs) if cfg.position == "relative" else None
         )
         self.layers = LayerStack(cfg, cfg.n_layers, cross_attention=False, depth=cfg.n_layers, rngs=rngs)
-        self.final_norm = Norm(cfg) if cfg.norm_position == "pre" else None
+        self.final_norm = _final_norm(cfg)
         self.lm_head = LMHead(cfg, rngs=rngs)
         self.pooler = (
             Dense(cfg.d_model, cfg.d_model, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
             if cfg.pooler else None
         )
 
-    def encode(self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, token_types_BT=None) -> Array:
-        """Final hidden states ``[B, T, D]``."""
+    def hidden(
+        self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, token_types_BT=None
+    ) -> tuple[Array, None]:
+        """``(hidden_BTD, None)``: an encoder keeps no cache."""
         _check_tokens(self.cfg, tokens_BT, "encoder input")
         segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
         bias = None if self.relative_bias is None else self.relative_bias(positions_BT, positions_BT)
         ctx = BlockContext(masks.bidirectional_mask(segment_ids_BT), positions_BT, bias)
-        hidden_BTD = self.layers(self.embed(tokens_BT, positions_BT, token_types_BT), ctx)
-        return hidden_BTD if self.final_norm is None else self.final_norm(hidden_BTD)
+        return self._stack(self.layers, self.final_norm, tokens_BT, positions_BT, ctx, token_types_BT)
 
-    def __call__(self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, token_types_BT=None) -> Array:
+    def batch_hidden(self, batch) -> Array:
+        return self.hidden(
+            batch["inputs"], segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
+            token_types_BT=batch.get("token_types"),
+        )[0]
+
+    def __call__(self, tokens_BT: Array, **inputs) -> Array:
         """MLM logits ``[B, T, V]``."""
-        hidden_BTD = self.encode(
-            tokens_BT, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT, token_types_BT=token_types_BT
-        )
-        return self.lm_head(hidden_BTD, self.embed.tokens)
+        return self.logits(self.hidden(tokens_BT, **inputs)[0])
 
     def pool(self, hidden_BTD: Array, segment_ids_BT: Array | None = None) -> Array:
         """Sequence vector ``[B, D]``: the configured pooling, through BERT's tanh pooler if present."""
@@ -113,30 +170,26 @@ class EncoderOnly(nnx.Module):
         return pooled_BD if self.pooler is None else jnp.tanh(self.pooler(pooled_BD))
 
 
-class DecoderOnly(nnx.Module):
+class DecoderOnly(LanguageModel):
     """GPT: causal decoder (or prefix-LM with ``prefix_BT``), LM head tied or not."""
 
+    FAMILY = "decoder_only"
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        _require_family(cfg, "decoder_only")
-        self.cfg = cfg
-        self.embed = Embedder(cfg, rngs=rngs)
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.cfg
         self.relative_bias = (
             RelativePositionBias(cfg, bidirectional=False, rngs=rngs) if cfg.position == "relative" else None
         )
         self.layers = LayerStack(cfg, cfg.n_layers, cross_attention=False, depth=cfg.n_layers, rngs=rngs)
-        self.final_norm = Norm(cfg) if cfg.norm_position == "pre" else None
+        self.final_norm = _final_norm(cfg)
         self.lm_head = LMHead(cfg, rngs=rngs)
-
-    def init_caches(self, batch: int, max_len: int) -> KVCache:
-        """Zeroed caches for every layer, stacked on a leading layer axis."""
-        one = KVCache.zeros(self.cfg, batch, max_len)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.cfg.n_layers, *a.shape)), one)
 
     def hidden(
         self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, prefix_BT=None,
         caches: KVCache | None = None, cache_index=None, cache_segment_ids_BS=None,
-    ):
-        """Final hidden states; with ``caches``, ``tokens_BT`` are new tokens written at ``cache_index``."""
+    ) -> tuple[Array, KVCache | None]:
+        """With ``caches``, ``tokens_BT`` are new tokens written at ``cache_index``."""
         max_len = None if caches is None else caches.k_BSKH.shape[2]
         _check_tokens(self.cfg, tokens_BT, "decoder input", max_len)
         segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
@@ -160,36 +213,41 @@ class DecoderOnly(nnx.Module):
             key_positions_BS = jnp.maximum(jnp.cumsum(real_BS, axis=1) - 1, 0)
         bias = None if self.relative_bias is None else self.relative_bias(positions_BT, key_positions_BS)
         ctx = BlockContext(self_mask, positions_BT, bias, causal=caches is None and prefix_BT is None)
-        out = self.layers(self.embed(tokens_BT, positions_BT), ctx, caches, cache_index)
-        hidden_BTD, caches = (out, None) if caches is None else out
-        if self.final_norm is not None:
-            hidden_BTD = self.final_norm(hidden_BTD)
-        return hidden_BTD if caches is None else (hidden_BTD, caches)
+        return self._stack(self.layers, self.final_norm, tokens_BT, positions_BT, ctx, None, caches, cache_index)
 
-    def __call__(self, tokens_BT: Array, **kwargs):
-        """Next-token logits ``[B, T, V]`` (and the updated caches when decoding)."""
-        out = self.hidden(tokens_BT, **kwargs)
-        if isinstance(out, tuple):
-            return self.lm_head(out[0], self.embed.tokens), out[1]
-        return self.lm_head(out, self.embed.tokens)
+    def batch_hidden(self, batch) -> Array:
+        return self.hidden(
+            batch["inputs"], segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
+            prefix_BT=batch.get("prefix_mask"),
+        )[0]
+
+    def __call__(self, tokens_BT: Array, **inputs) -> Array:
+        """Next-token logits ``[B, T, V]`` of a whole sequence (decoding goes through ``hidden``)."""
+        return self.logits(self.hidden(tokens_BT, **inputs)[0])
 
 
-class EncoderDecoder(nnx.Module):
-    """T5: encoder and decoder stacks sharing one token table; ``encode()`` then ``decode()``."""
+class EncoderDecoder(LanguageModel):
+    """T5: encoder and decoder stacks sharing one token table; ``encode()`` then ``hidden()``."""
+
+    FAMILY = "encoder_decoder"
+    TARGETS = "decoder_targets"
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        _require_family(cfg, "encoder_decoder")
-        self.cfg = cfg
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.cfg
         depth = cfg.n_layers + cfg.decoder_layers
         relative = cfg.position == "relative"
-        self.embed = Embedder(cfg, rngs=rngs)
         self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs) if relative else None
         self.decoder_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs) if relative else None
         self.encoder = LayerStack(cfg, cfg.n_layers, cross_attention=False, depth=depth, rngs=rngs)
         self.decoder = LayerStack(cfg, cfg.decoder_layers, cross_attention=True, depth=depth, rngs=rngs)
-        self.encoder_norm = Norm(cfg) if cfg.norm_position == "pre" else None
-        self.decoder_norm = Norm(cfg) if cfg.norm_position == "pre" else None
+        self.encoder_norm = _final_norm(cfg)
+        self.decoder_norm = _final_norm(cfg)
         self.lm_head = LMHead(cfg, rngs=rngs)
+
+    @property
+    def cached_layers(self) -> int:
+        return self.cfg.decoder_layers
 
     def encode(self, tokens_BS: Array, *, segment_ids_BS=None, positions_BS=None) -> Array:
         """Encoder hidden states ``[B, S, D]``."""
@@ -197,44 +255,26 @@ class EncoderDecoder(nnx.Module):
         segment_ids_BS, positions_BS = _defaults(tokens_BS, segment_ids_BS, positions_BS)
         bias = None if self.encoder_bias is None else self.encoder_bias(positions_BS, positions_BS)
         ctx = BlockContext(masks.bidirectional_mask(segment_ids_BS), positions_BS, bias)
-        encoded_BSD = self.encoder(self.embed(tokens_BS, positions_BS), ctx)
-        return encoded_BSD if self.encoder_norm is None else self.encoder_norm(encoded_BSD)
-
-    def init_caches(self, batch: int, max_len: int) -> KVCache:
-        one = KVCache.zeros(self.cfg, batch, max_len)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.cfg.decoder_layers, *a.shape)), one)
+        return self._stack(self.encoder, self.encoder_norm, tokens_BS, positions_BS, ctx)[0]
 
     def cross_kv(self, encoded_BSD: Array) -> tuple[Array, Array]:
         """The decoder layers' cross-attention keys and values of ``encoded`` (``[L, B, S, K, H]`` each).
 
-        Generation computes them once and passes them to every decode step (``decode(..., cross_kv=)``)
+        Generation computes them once and passes them to every decode step (``hidden(..., cross_kv=)``)
         instead of projecting the whole encoder output again for each new token.
         """
         return self.decoder.cross_kv(encoded_BSD)
 
-    def decode(
+    def hidden(
         self, tokens_BT: Array, encoded_BSD: Array | None = None, *, encoder_segment_ids_BS=None, segment_ids_BT=None,
         positions_BT=None, caches: KVCache | None = None, cache_index=None, cross_kv: tuple[Array, Array] | None = None,
-    ):
-        """Decoder logits ``[B, T, V]`` (and updated caches when decoding step by step).
+    ) -> tuple[Array, KVCache | None]:
+        """Final decoder hidden states ``[B, T, D]`` and the updated caches (None without).
 
         The encoder memory is ``encoded_BSD`` or, already projected, ``cross_kv`` (``cross_kv()``).
         """
-        out = self.decode_hidden(
-            tokens_BT, encoded_BSD, encoder_segment_ids_BS=encoder_segment_ids_BS, segment_ids_BT=segment_ids_BT,
-            positions_BT=positions_BT, caches=caches, cache_index=cache_index, cross_kv=cross_kv,
-        )
-        if isinstance(out, tuple):
-            return self.lm_head(out[0], self.embed.tokens), out[1]
-        return self.lm_head(out, self.embed.tokens)
-
-    def decode_hidden(
-        self, tokens_BT: Array, encoded_BSD: Array | None = None, *, encoder_segment_ids_BS=None, segment_ids_BT=None,
-        positions_BT=None, caches: KVCache | None = None, cache_index=None, cross_kv: tuple[Array, Array] | None = None,
-    ):
-        """Final decoder hidden states ``[B, T, D]`` (and updated caches), before the LM head."""
         if (encoded_BSD is None) == (cross_kv is None):
-            raise ValueError("decode needs the encoder memory as exactly one of encoded_BSD and cross_kv")
+            raise ValueError("the decoder needs the encoder memory as exactly one of encoded_BSD and cross_kv")
         max_len = None if caches is None else caches.k_BSKH.shape[2]
         _check_tokens(self.cfg, tokens_BT, "decoder input", max_len)
         segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
@@ -252,26 +292,37 @@ class EncoderDecoder(nnx.Module):
         bias = None if self.decoder_bias is None else self.decoder_bias(positions_BT, key_positions)
         cross = masks.cross_mask(segment_ids_BT, encoder_segment_ids_BS)
         ctx = BlockContext(self_mask, positions_BT, bias, encoded_BSD, cross, causal=caches is None)
-        out = self.decoder(self.embed(tokens_BT, positions_BT), ctx, caches, cache_index, cross_kv)
-        hidden_BTD, caches = (out, None) if caches is None else out
-        if self.decoder_norm is not None:
-            hidden_BTD = self.decoder_norm(hidden_BTD)
-        return hidden_BTD if caches is None else (hidden_BTD, caches)
+        return self._stack(
+            self.decoder, self.decoder_norm, tokens_BT, positions_BT, ctx, None, caches, cache_index, cross_kv
+        )
+
+    def batch_hidden(self, batch) -> Array:
+        encoder_segment_ids_BS = batch.get("encoder_segment_ids")
+        encoded_BSD = self.encode(
+            batch["encoder_inputs"], segment_ids_BS=encoder_segment_ids_BS, positions_BS=batch.get("encoder_positions")
+        )
+        return self.hidden(
+            batch["decoder_inputs"], encoded_BSD, encoder_segment_ids_BS=encoder_segment_ids_BS,
+            segment_ids_BT=batch.get("decoder_segment_ids"), positions_BT=batch.get("decoder_positions"),
+        )[0]
 
     def __call__(
         self, encoder_tokens_BS: Array, decoder_tokens_BT: Array, *, encoder_segment_ids_BS=None,
         encoder_positions_BS=None, decoder_segment_ids_BT=None, decoder_positions_BT=None,
     ) -> Array:
-        encoded_BSD = self.encode(encoder_tokens_BS, segment_ids_BS=encoder_segment_ids_BS, positions_BS=encoder_positions_BS)
-        return self.decode(
-            decoder_tokens_BT, encoded_BSD, encoder_segment_ids_BS=encoder_segment_ids_BS,
-            segment_ids_BT=decoder_segment_ids_BT, positions_BT=decoder_positions_BT,
-        )
+        """Decoder logits ``[B, T, V]`` of whole sequences (decoding goes through ``hidden``)."""
+        return self.logits(self.batch_hidden({
+            "encoder_inputs": encoder_tokens_BS, "encoder_segment_ids": encoder_segment_ids_BS,
+            "encoder_positions": encoder_positions_BS, "decoder_inputs": decoder_tokens_BT,
+            "decoder_segment_ids": decoder_segment_ids_BT, "decoder_positions": decoder_positions_BT,
+        }))
 
 
-MODEL_CLASSES = {"encoder_only": EncoderOnly, "decoder_only": DecoderOnly, "encoder_decoder": EncoderDecoder}
+MODEL_CLASSES: dict[str, type[LanguageModel]] = {
+    cls.FAMILY: cls for cls in (EncoderOnly, DecoderOnly, EncoderDecoder)
+}
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> EncoderOnly | DecoderOnly | EncoderDecoder:
+def build_model(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
     """The model of ``cfg.family`` with parameters drawn from ``seed``."""
     return MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(params=seed))

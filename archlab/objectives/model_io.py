@@ -1,7 +1,8 @@
 """Objective batches meet networks: logits for any family, and the weighted loss.
 
-The objective transforms produce batches whose keys say what they are; this module
-routes them to the matching model call. The networks themselves never see a loss.
+The objective transforms produce batches whose keys say what they are; every model reads its own
+inputs from them (``batch_hidden``) and names its targets' key (``TARGETS``), so nothing here
+branches on the family. The networks themselves never see a loss.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def hidden_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, A
     positions only (``T`` becomes ``K``): the head and the loss then skip the positions that carry
     no loss, and every weighted position is among the K, so the loss is unchanged.
     """
-    hidden_BTD, targets_BT, weights_BT = _network_outputs(model, batch)
+    hidden_BTD, targets_BT, weights_BT = model.batch_hidden(batch), batch[model.TARGETS], batch["weights"]
     if "prediction_positions" not in batch:
         return hidden_BTD, targets_BT, weights_BT
     positions_BK = batch["prediction_positions"].astype(jnp.int32)
@@ -37,44 +38,24 @@ def hidden_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, A
     )
 
 
-def _network_outputs(model: Any, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
-    family = model.cfg.family
-    if family == "encoder_decoder":
-        encoded_BSD = model.encode(
-            batch["encoder_inputs"], segment_ids_BS=batch["encoder_segment_ids"],
-            positions_BS=batch["encoder_positions"],
-        )
-        hidden_BTD = model.decode_hidden(
-            batch["decoder_inputs"], encoded_BSD, encoder_segment_ids_BS=batch["encoder_segment_ids"],
-            segment_ids_BT=batch["decoder_segment_ids"], positions_BT=batch["decoder_positions"],
-        )
-        return hidden_BTD, batch["decoder_targets"], batch["weights"]
-    kwargs = dict(segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"])
-    if family == "decoder_only":
-        if "prefix_mask" in batch:
-            kwargs["prefix_BT"] = batch["prefix_mask"]
-        return model.hidden(batch["inputs"], **kwargs), batch["targets"], batch["weights"]
-    return model.encode(batch["inputs"], **kwargs), batch["targets"], batch["weights"]
-
-
 def logits_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
     """``(logits_BTV, targets_BT, weights_BT)`` for an objective batch and a model of its family."""
     hidden_BTD, targets_BT, weights_BT = hidden_and_targets(model, batch)
-    return model.lm_head(hidden_BTD, model.embed.tokens), targets_BT, weights_BT
+    return model.logits(hidden_BTD), targets_BT, weights_BT
 
 
 def loss_and_metrics(model: Any, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
     """Mean token cross-entropy over weighted targets, and the sums that aggregate across batches.
 
-    With ``model.head_chunk > 0`` (auto on the CPU) the output head and the loss run fused, chunk by
+    With ``model.head_chunk > 0`` (512 on the CPU by default) the output head and the loss run fused, chunk by
     chunk (``head_cross_entropy_and_accuracy``); with 0 the logits are materialised first. Both
     give the same values and gradients (tests/test_objectives.py).
     """
-    chunk = model.cfg.head_chunk_size
+    chunk = model.cfg.head_chunk
     if chunk > 0:
         hidden_BTD, targets_BT, weights_BT = hidden_and_targets(model, batch)
         features_BTD = model.lm_head.features(hidden_BTD)
-        table_VD, bias_V = model.lm_head.output_weights(model.embed.tokens)
+        table_VD, bias_V = model.head_weights()
         loss_sum, correct_sum, weight_sum = head_cross_entropy_and_accuracy(
             features_BTD.reshape(-1, features_BTD.shape[-1]), table_VD, bias_V,
             targets_BT.reshape(-1), weights_BT.reshape(-1), chunk=chunk,

@@ -89,16 +89,21 @@ def continuation_nll(model, windows: ContinuationWindows, *, batch_size: int = 3
     sentinel = SPECIAL.sentinel_id(0, model.cfg.vocab_size)
     graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def batch_nll(state, tokens_BT: jax.Array) -> jax.Array:
-        net = nnx.merge(graphdef, state)
+    def posed(tokens_BT: jax.Array) -> tuple[dict[str, jax.Array], int]:
+        """The window as the family's inputs, and the first output position that predicts the continuation."""
         if family == "decoder_only":
-            return jnp.sum(_token_nll(net(tokens_BT[:, :-1])[:, P - 1:], tokens_BT[:, P:]))
+            return {"inputs": tokens_BT[:, :-1]}, P - 1
         column = lambda v: jnp.full((tokens_BT.shape[0], 1), v, jnp.int32)  # noqa: E731
         encoder_BS = jnp.concatenate([tokens_BT[:, :P], column(sentinel), column(SPECIAL.eos)], axis=1)
         # Decoder inputs: T5's start id ([PAD]), the sentinel, then the continuation shifted right.
         decoder_BT = jnp.concatenate([column(SPECIAL.pad), column(sentinel), tokens_BT[:, P:-1]], axis=1)
-        return jnp.sum(_token_nll(net(encoder_BS, decoder_BT)[:, 1:], tokens_BT[:, P:]))
+        return {"encoder_inputs": encoder_BS, "decoder_inputs": decoder_BT}, 1
+
+    @jax.jit
+    def batch_nll(state, tokens_BT: jax.Array) -> jax.Array:
+        net = nnx.merge(graphdef, state)
+        inputs, first = posed(tokens_BT)
+        return jnp.sum(_token_nll(net.logits(net.batch_hidden(inputs))[:, first:], tokens_BT[:, P:]))
 
     total = 0.0
     for start in range(0, len(windows.tokens_WT), batch_size):
@@ -126,30 +131,11 @@ def max_continuation_tokens(cfg: TrainConfig) -> int:
 
 
 def load_final_model(run_dir: str | Path, step: int | None = None):
-    """``(model, tokenizer, train config, step)`` of a run directory's checkpoint (newest by default)."""
-    from archlab.evaluate import load_train_config
-    from archlab.nn.models import build_model
-    from archlab.train.checkpoint import Checkpointer
-    from archlab.train.optim import make_optimizer
-    from archlab.train.run_dir import TOKENIZER_FILE
-    from archlab.train.setup import make_plan
-    from archlab.train.state import TrainState, abstract_like, from_checkpoint, to_checkpoint
+    """``(model, tokenizer, train config, step)`` of a run directory's checkpoint (newest good by default)."""
+    from archlab.trainer import Trainer
 
-    run_dir = Path(run_dir)
-    cfg = load_train_config(run_dir)
-    tokenizer = Tokenizer.from_file(run_dir / TOKENIZER_FILE)
-    plan = make_plan(cfg, tokenizer.vocab_size)
-    # Abstract parameters: initialising real ones only to overwrite them costs seconds per run.
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(plan.model, seed=cfg.run.seed)))
-    tx, _ = make_optimizer(cfg.optimizer, plan.total_steps, plan.tokens_per_step)
-    like = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
-    checkpoints = Checkpointer(run_dir / "checkpoints", async_save=False)
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f"{run_dir} has no checkpoint to score")
-    restored = checkpoints.restore(step, abstract_like(to_checkpoint(like)))
-    state = from_checkpoint(restored.state, like)
-    return nnx.merge(graphdef, state.params), tokenizer, cfg, step
+    trainer = Trainer.restore(run_dir, step)
+    return trainer.model, trainer.tokenizer, trainer.cfg, trainer.restored_step
 
 
 def run_continuation_bpb(

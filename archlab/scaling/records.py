@@ -63,13 +63,13 @@ def run_finished(run_dir: str | Path) -> bool:
 
 def read_run(run_dir: str | Path, *, continuation: bool = True) -> dict | None:
     """The record of a finished run; None when it stopped before its last step."""
-    from archlab.evaluate import load_train_config
+    from archlab.trainer import load_run_config
 
     run_dir = Path(run_dir)
     if not run_finished(run_dir):
         return None
     summary = json.loads((run_dir / "summary.json").read_text())
-    cfg = load_train_config(run_dir)
+    cfg = load_run_config(run_dir)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     c_total = float(summary["train_flops_total"])
     fpt, fpt_ne = float(summary["flops_per_token"]), float(summary["flops_per_token_non_embedding"])

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import yaml
 
+from archlab.config import resolve_auto_values
 from archlab.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
@@ -56,8 +57,13 @@ class RunLock:
 def identity(resolved: dict) -> dict:
     data = {k: v for k, v in resolved.get("data", {}).items() if k != "cache_dir"}
     run = resolved.get("run", {})
+    model = dict(resolved.get("model") or {})
+    if "remat" in model and "head_chunk" in model:
+        # Configs saved before the run assembly resolved them say "auto": compare what ran.
+        model["remat"], model["head_chunk"] = resolve_auto_values(model["remat"], model["head_chunk"])
     return {
         **{k: resolved.get(k) for k in IDENTITY_KEYS},
+        "model": model,
         "data": data,
         "run": {k: run.get(k) for k in IDENTITY_RUN_KEYS},
     }

@@ -126,41 +126,19 @@ def plot_bytes(rows: list[dict], path: Path) -> None:
 def trained_model(run_dir: Path, steps: int):
     """``(model, validation rows)``: a small GPT trained in-process, unless ``run_dir`` already
     holds its final checkpoint (then it is only restored)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from archlab.cli import _first_set
-    from archlab.schema import register_configs
     from archlab.train.checkpoint import Checkpointer
     from archlab.train.loop import train
-    from archlab.train.optim import make_optimizer
-    from archlab.train.run_dir import TOKENIZER_FILE
-    from archlab.train.setup import load_corpus, make_plan, row_length_for
-    from archlab.train.state import TrainState, abstract_like, from_checkpoint, to_checkpoint
+    from archlab.trainer import Trainer, compose
 
-    register_configs()
-    if not OmegaConf.has_resolver("archlab.or"):
-        OmegaConf.register_new_resolver("archlab.or", _first_set)
     overrides = ["experiment=quickstart", "size=small", f"run.steps={steps}", f"run.eval_every={steps}",
                  f"run.checkpoint_every={steps}", "run.progress=false", "run.samples=0", "logger=none",
                  f"run.dir={run_dir}"]
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        composed = compose("train", overrides=overrides)
-    cfg = OmegaConf.to_object(composed)
-    checkpoints = Checkpointer(run_dir / "checkpoints", async_save=False)
-    if checkpoints.latest_step() != steps:
+    if Checkpointer(run_dir / "checkpoints", async_save=False).latest_step() != steps:
         start = time.perf_counter()
-        summary = train(cfg, run_dir, resolved_config=OmegaConf.to_container(composed, resolve=True))
+        summary = train(compose(overrides), run_dir)
         print(f"loss: trained {steps} steps in {time.perf_counter() - start:.0f} s: {summary}", flush=True)
-        checkpoints = Checkpointer(run_dir / "checkpoints", async_save=False)
-    corpus = load_corpus(cfg.data, row_length_for(cfg), run_dir / TOKENIZER_FILE)
-    plan = make_plan(cfg, corpus.tokenizer.vocab_size)
-    graphdef, params = nnx.split(build_model(plan.model, seed=cfg.run.seed))
-    tx, _ = make_optimizer(cfg.optimizer, plan.total_steps, plan.tokens_per_step)
-    like = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
-    restored = checkpoints.restore(steps, abstract_like(to_checkpoint(like)))
-    model = nnx.merge(graphdef, from_checkpoint(restored.state, like).params)
-    return model, corpus.validation
+    trainer = Trainer.restore(run_dir, steps)
+    return trainer.model, trainer.corpus.validation
 
 
 def cached_logits(model, cache_dtype: str, tokens_BT: jax.Array, prefill: int) -> jax.Array:
@@ -173,13 +151,14 @@ def cached_logits(model, cache_dtype: str, tokens_BT: jax.Array, prefill: int) -
     @jax.jit
     def run(state, tokens_BT):
         net = nnx.merge(graphdef, state)
-        logits_BPV, caches = net(tokens_BT[:, :prefill], caches=net.init_caches(batch, length), cache_index=0)
+        hidden_BPD, caches = net.hidden(tokens_BT[:, :prefill], caches=net.init_caches(batch, length), cache_index=0)
+        logits_BPV = net.logits(hidden_BPD)
 
         def step(caches, index):
             token_B1 = jax.lax.dynamic_slice_in_dim(tokens_BT, index, 1, axis=1)
-            logits_B1V, caches = net(token_B1, positions_BT=jnp.full((batch, 1), index), caches=caches,
-                                     cache_index=index)
-            return caches, logits_B1V[:, 0]
+            hidden_B1D, caches = net.hidden(token_B1, positions_BT=jnp.full((batch, 1), index), caches=caches,
+                                            cache_index=index)
+            return caches, net.logits(hidden_B1D)[:, 0]
 
         _, logits_NBV = jax.lax.scan(step, caches, jnp.arange(prefill, length))
         return jnp.concatenate([logits_BPV, logits_NBV.transpose(1, 0, 2)], axis=1)
@@ -255,7 +234,7 @@ def part_long_input(repeats: int) -> list[dict]:
                 if not decoder_only:
                     return net.encode(tokens_1S)
                 hidden, caches = net.hidden(tokens_1S, caches=net.init_caches(1, cache_len), cache_index=0)
-                return net.lm_head(hidden[:, -1:], net.embed.tokens), caches
+                return net.logits(hidden[:, -1:]), caches
 
             @jax.jit
             def make_caches(state):
@@ -263,10 +242,10 @@ def part_long_input(repeats: int) -> list[dict]:
 
             def step_fn(state, caches, token_11, index, encoded):
                 net = nnx.merge(graphdef, state)
-                positions = jnp.full((1, 1), index)
-                if decoder_only:
-                    return net(token_11, positions_BT=positions, caches=caches, cache_index=index)
-                return net.decode(token_11, encoded, positions_BT=positions, caches=caches, cache_index=index)
+                memory = {} if decoder_only else {"encoded_BSD": encoded}
+                hidden_11D, caches = net.hidden(token_11, **memory, positions_BT=jnp.full((1, 1), index),
+                                                caches=caches, cache_index=index)
+                return net.logits(hidden_11D), caches
 
             step = jax.jit(step_fn, donate_argnums=(1,))
             prefill_times = wall_seconds(lambda: jax.block_until_ready(prefill(state, tokens_1S)), repeats)
@@ -340,7 +319,7 @@ def part_speed(context: int, rounds: int, steps_per_round: int = 4) -> dict:
     @jax.jit
     def uncached(state, tokens_1T):
         net = nnx.merge(graphdef, state)
-        return net.lm_head(net.hidden(tokens_1T)[:, -1:], net.embed.tokens)
+        return net.logits(net.hidden(tokens_1T)[0][:, -1:])
 
     result = {"context": context, "model": "decoder_only d_model 256, 8 layers, 4 heads, vocab 2048",
               "rounds": rounds}
@@ -350,7 +329,9 @@ def part_speed(context: int, rounds: int, steps_per_round: int = 4) -> dict:
 
         def step_fn(state, caches, token_11, index, graphdef_c=graphdef_c):
             net = nnx.merge(graphdef_c, state)
-            return net(token_11, positions_BT=jnp.full((1, 1), index), caches=caches, cache_index=index)
+            hidden_11D, caches = net.hidden(token_11, positions_BT=jnp.full((1, 1), index), caches=caches,
+                                            cache_index=index)
+            return net.logits(hidden_11D), caches
 
         steps[cache_dtype] = jax.jit(step_fn, donate_argnums=(1,))
         caches[cache_dtype] = nnx.merge(graphdef_c, state).init_caches(1, context + n_cached + 1)

@@ -29,7 +29,6 @@ import yaml
 from archlab.scaling.records import run_finished
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 def grid(args) -> list[list[str]]:
@@ -53,7 +52,7 @@ _CORPORA: dict = {}
 
 def plan_of(overrides: list[str]) -> tuple[Path, float]:
     """(run directory, epochs it would read) without training."""
-    from benchmark import compose
+    from archlab.trainer import compose
 
     from archlab.train.setup import load_corpus, make_plan, row_length_for
 

@@ -15,8 +15,7 @@ its patch active and then all timed round by round, alternating, like the peers:
 with 5-D einsums and softmax-then-value-product, the loss as ``weighted_cross_entropy`` plus
 ``weighted_accuracy`` (jnp.argmax) on materialised logits, separate q/k/v projections, dense causal
 attention, no remat. The later pieces are configuration
-(``model.head_chunk``, ``model.remat``) or module flags (``attention.FUSE_QKV``,
-``attention.CAUSAL_BLOCKS``).
+(``model.head_chunk``, ``model.remat``, ``model.fuse_qkv``, ``model.causal_blocks``).
 """
 
 from __future__ import annotations
@@ -24,19 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import benchmark  # noqa: E402
-
-from archlab.nn import attention  # noqa: E402
-from archlab.objectives import model_io  # noqa: E402
-from archlab.objectives.losses import weighted_accuracy, weighted_cross_entropy  # noqa: E402
+from archlab.bench.harness import PEER_SHAPE, BenchShape, emit, machine, time_interleaved
+from archlab.nn import attention
+from archlab.objectives import model_io
+from archlab.objectives.losses import weighted_accuracy, weighted_cross_entropy
 
 
 def attention_before(q_BTNH, k_BSKH, v_BSKH, mask_BQK, bias_BNQK, scale: float, causal_blocks: int = 1):
@@ -68,19 +63,17 @@ def loss_before(logits_BTV, targets_BT, weights_BT):
 
 
 @contextmanager
-def patched(kernel, old_loss: bool, fuse_qkv: bool, causal_blocks: int):
-    saved = (attention._xla_attention, model_io.cross_entropy_and_accuracy, attention.FUSE_QKV,
-             attention.CAUSAL_BLOCKS)
+def patched(kernel, old_loss: bool):
+    """The pre-issue-6 kernel or loss, swapped in while a variant traces (they are not config)."""
+    saved = (attention._xla_attention, model_io.cross_entropy_and_accuracy)
     if kernel is not None:
         attention._xla_attention = kernel
     if old_loss:
         model_io.cross_entropy_and_accuracy = loss_before
-    attention.FUSE_QKV, attention.CAUSAL_BLOCKS = fuse_qkv, causal_blocks
     try:
         yield
     finally:
-        (attention._xla_attention, model_io.cross_entropy_and_accuracy, attention.FUSE_QKV,
-         attention.CAUSAL_BLOCKS) = saved
+        attention._xla_attention, model_io.cross_entropy_and_accuracy = saved
 
 
 UNCHUNKED, NO_REMAT = "model.head_chunk=0", "model.remat=none"
@@ -109,17 +102,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     sink: list = []
-    benchmark.emit(benchmark.machine(), sink)
+    emit(machine(), sink)
     runners, setups = {}, {}
     for name, extra, kernel, old_loss, fuse_qkv, causal_blocks in VARIANTS:
-        setups[name] = setup = benchmark.Setup([*benchmark.PEER_SHAPE, *extra])
-        with patched(kernel, old_loss, fuse_qkv, causal_blocks):
+        knobs = [f"model.fuse_qkv={fuse_qkv}", f"model.causal_blocks={causal_blocks}"]
+        setups[name] = setup = BenchShape([*PEER_SHAPE, *extra, *knobs])
+        with patched(kernel, old_loss):
             _, runners[name] = setup.compile()
-    times = benchmark.time_interleaved(runners, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
+    times = time_interleaved(runners, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
     base = statistics.median(times[VARIANTS[0][0]]["wall"])
     for name, *_ in VARIANTS:
         wall = statistics.median(times[name]["wall"])
-        benchmark.emit({"measure": "ablation", "impl": name, **setups[name].describe(), "step_ms": 1e3 * wall,
+        emit({"measure": "ablation", "impl": name, **setups[name].describe(), "step_ms": 1e3 * wall,
                         "cpu_ms": 1e3 * statistics.median(times[name]["cpu"]),
                         "tokens_per_s": setups[name].plan.tokens_per_step / wall,
                         "step_time_vs_before": wall / base, "loadavg_1m": os.getloadavg()[0]}, sink)

@@ -3,7 +3,7 @@
     python experiments/throughput/matmul_floor.py [overrides ...] [--rounds 5 --repeats 15 --torch]
 
 Walks the jaxpr of each train step (archlab's, as ``scripts/benchmark.py`` compiles it, and the
-``FlaxGPT2LMHeadModel`` + optax step of ``scripts/benchmark_peers.py``), collects every
+``FlaxGPT2LMHeadModel`` + optax step of ``archlab/bench/peers.py``), collects every
 ``dot_general`` with its shapes, dimension numbers and how often it runs (scan lengths included),
 and times each distinct product alone, jitted, in this process. The sum is the step's *matmul
 floor*: the time its products take when each runs by itself with both cores, no fusion
@@ -23,52 +23,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import benchmark  # noqa: E402
-import benchmark_peers  # noqa: E402
-
-DotKey = tuple  # (lhs shape, rhs shape, dtype name, dimension numbers, preferred element type name)
-
-
-def collect_dots(jaxpr, multiplier: int = 1, counts: Counter | None = None) -> Counter:
-    """Every ``dot_general`` of ``jaxpr`` and its sub-jaxprs, counted as often as it executes."""
-    counts = Counter() if counts is None else counts
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            lhs, rhs = (v.aval for v in eqn.invars)
-            preferred = eqn.params.get("preferred_element_type")
-            key = (tuple(lhs.shape), tuple(rhs.shape), lhs.dtype.name, eqn.params["dimension_numbers"],
-                   None if preferred is None else jnp.dtype(preferred).name)
-            counts[key] += multiplier
-            continue
-        if eqn.primitive.name == "while":
-            raise SystemExit("error: the step has a while loop whose trip count this walk cannot know")
-        inner = multiplier * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    collect_dots(sub, inner, counts)
-    return counts
-
-
-def dot_flops(key: DotKey) -> float:
-    lhs_shape, rhs_shape, _, ((lhs_contract, rhs_contract), (_, rhs_batch)), _ = key
-    contracted = np.prod([lhs_shape[d] for d in lhs_contract])
-    # The output: the lhs's batch and free dimensions, then the rhs's free ones.
-    out = np.prod([n for d, n in enumerate(lhs_shape) if d not in lhs_contract])
-    out *= np.prod([n for d, n in enumerate(rhs_shape) if d not in rhs_contract and d not in rhs_batch])
-    return 2.0 * float(out) * float(contracted)
-
+from archlab.bench import peers as benchmark_peers
+from archlab.bench.harness import PEER_SHAPE, BenchShape, time_interleaved
+from archlab.bench.products import DotKey, collect_dots, dot_flops, einsum_spec
 
 def time_dot(key: DotKey, repeats: int) -> float:
     """Fastest of ``repeats`` runs of this product alone, jitted, inputs resident: a floor."""
@@ -90,21 +54,6 @@ def _fastest(run, repeats: int, warmup: int = 5) -> float:
         run()
         seconds.append(time.perf_counter() - start)
     return min(seconds)
-
-
-def einsum_spec(key: DotKey) -> str:
-    """The ``dot_general`` as an einsum string (batch, lhs free, rhs free: dot_general's output order)."""
-    lhs_shape, rhs_shape, _, ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)), _ = key
-    letters = iter("abcdefghijklmnopqrstuvwxyz")
-    lhs, rhs = [None] * len(lhs_shape), [None] * len(rhs_shape)
-    for lhs_dim, rhs_dim in (*zip(lhs_batch, rhs_batch), *zip(lhs_contract, rhs_contract)):
-        lhs[lhs_dim] = rhs[rhs_dim] = next(letters)
-    lhs = [d or next(letters) for d in lhs]
-    rhs = [d or next(letters) for d in rhs]
-    out = [lhs[d] for d in lhs_batch]
-    out += [x for d, x in enumerate(lhs) if d not in lhs_batch and d not in lhs_contract]
-    out += [x for d, x in enumerate(rhs) if d not in rhs_batch and d not in rhs_contract]
-    return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
 
 
 def time_dot_torch(key: DotKey, repeats: int) -> float:
@@ -146,18 +95,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch", action="store_true", help="also time every product in PyTorch")
     args = parser.parse_args(argv)
 
-    setup = benchmark.Setup(args.overrides or benchmark.PEER_SHAPE)
+    setup = BenchShape(args.overrides or PEER_SHAPE)
     cfg = setup.plan.model
-    train_step, params, opt_state = benchmark_peers.flax_train_step(cfg, setup.cfg.optimizer, setup.schedule)
+    train_step, params, opt_state = benchmark_peers.flax_train_step(cfg, setup.cfg.optimizer, setup.trainer.schedule)
     peer_batch = benchmark_peers.flax_batch(cfg, setup.host_batch)
     programs = {
-        "archlab": jax.make_jaxpr(setup.jitted)(setup.state, setup.batch).jaxpr,
+        "archlab": jax.make_jaxpr(setup.trainer.train_step)(setup.trainer.state, setup.batch).jaxpr,
         "hf_flax": jax.make_jaxpr(train_step)(params, opt_state, peer_batch).jaxpr,
     }
     products = {name: product_rows(collect_dots(jaxpr), args.repeats, args.torch) for name, jaxpr in programs.items()}
     runners = {"archlab": setup.compile()[1]}
-    runners["hf_flax"], _ = benchmark_peers.flax_step(cfg, setup.cfg.optimizer, setup.schedule, setup.host_batch)
-    times = benchmark.time_interleaved(runners, warmup=2, rounds=args.rounds, steps=args.steps)
+    runners["hf_flax"], _ = benchmark_peers.flax_step(cfg, setup.cfg.optimizer, setup.trainer.schedule, setup.host_batch)
+    times = time_interleaved(runners, warmup=2, rounds=args.rounds, steps=args.steps)
     rows = {}
     for name, product_list in products.items():
         for product in product_list:

@@ -1,0 +1,245 @@
+"""The one seam where a run is assembled: ``compose(overrides)`` -> config -> ``Trainer``.
+
+The train loop, ``archlab-eval``, the scaling study's continuation score, the benchmarks and the
+experiments all build a run through this module, so a run assembled in-process is the run
+``archlab-train`` would have built::
+
+    cfg = compose(["size=nano", "run.steps=20"])
+    trainer = Trainer(cfg)                       # corpus, plan, model, optimizer, state, steps, mesh
+    for batch, _ in zip(trainer.iterator(), range(20)):
+        metrics = trainer.step(batch)
+    trainer.evaluate()                           # {"val/loss": ..., "val/bits_per_byte": ...}
+
+    trainer = Trainer.restore("runs/quickstart/decoder_only-mini-clm-s0")   # newest good step
+    trainer.model                                # the restored network (nnx)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from archlab.config import resolve_auto
+from archlab.errors import CheckpointError, ConfigError
+from archlab.schema import DataConfig, EvalConfig, TrainConfig
+
+APPS = {"train": TrainConfig, "eval": EvalConfig}
+
+
+def compose(overrides: Sequence[str] = (), app: str = "train") -> TrainConfig | EvalConfig:
+    """The validated config ``archlab-<app>`` builds from these Hydra overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from archlab.cli import CONF_DIR, prepare_hydra, typed
+
+    if app not in APPS:
+        raise ConfigError(f"unknown app {app!r}; choose one of {', '.join(APPS)}")
+    prepare_hydra()
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        composed = hydra_compose(app, overrides=list(overrides))
+    return typed(composed, APPS[app])
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every ``auto`` value replaced by what will run (``config.resolve_auto``)."""
+    model = resolve_auto(cfg.model)
+    return cfg if model is cfg.model else dataclasses.replace(cfg, model=model)
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain data: what ``config.yaml``, ``summary.json`` and W&B record."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """A run directory's saved config, validated against today's schema.
+
+    Interpolations (``${oc.env:...}``) in the file are refused, not resolved: a run directory
+    may come from anyone, and resolving would read this machine's environment into the run.
+    """
+    from archlab.train.run_dir import CONFIG_FILE
+
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{path} is unreadable ({' '.join(str(error).split())[:200]})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} does not hold a config mapping")
+    if "${" in yaml.safe_dump(saved):
+        raise CheckpointError(f"{path} holds an interpolation ('${{...}}'); saved configs are plain values")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+        return resolved(OmegaConf.to_object(merged))
+    except Exception as error:  # OmegaConf's and the schema's refusals
+        from archlab.cli import one_line
+
+        raise CheckpointError(f"{path} does not hold a valid run config ({one_line(error)})") from None
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every refusal that needs no data: batch split, budget and lengths, objective options."""
+    from archlab.train.setup import check_batch, make_plan, objective_transform
+
+    check_batch(cfg)
+    make_plan(cfg, cfg.data.vocab_size)
+    objective_transform(cfg, cfg.data.vocab_size)
+
+
+class Trainer:
+    """Everything a run is built from: config, corpus, plan, model, optimizer, state, steps, mesh.
+
+    ``tokenizer_file`` (a run's saved tokenizer) fixes the tokenizer; the corpus is then packed
+    only when first used (scoring a checkpoint needs the model, not the corpus). With
+    ``abstract=True`` the state holds shapes only: the target of a restore, no parameters drawn.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, tokenizer_file: str | Path | None = None, abstract: bool = False):
+        import jax
+        from flax import nnx
+
+        from archlab.data import Tokenizer
+        from archlab.nn.models import build_model
+        from archlab.train.optim import make_optimizer
+        from archlab.train.setup import make_plan, objective_transform
+        from archlab.train.sharding import Mesh1D
+        from archlab.train.state import TrainState
+
+        self.cfg = cfg = resolved(cfg)
+        check_config(cfg)
+        self.tokenizer_file = tokenizer_file
+        self.tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file else self.corpus.tokenizer
+        self.plan = make_plan(cfg, self.tokenizer.vocab_size)
+        self.transform = objective_transform(cfg, self.tokenizer.vocab_size)
+        build = functools.partial(build_model, self.plan.model, seed=cfg.run.seed)
+        self.graphdef, params = nnx.split(nnx.eval_shape(build) if abstract else build())
+        self.tx, self.schedule = make_optimizer(cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step)
+        self.mesh = Mesh1D()
+        if abstract:
+            self.state = jax.eval_shape(lambda p: TrainState.create(p, self.tx), params)
+        else:
+            self.state = self.mesh.replicate(TrainState.create(params, self.tx))
+
+    # -- data --------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def corpus(self):
+        """Tokenizer and packed train/validation rows (the BPE is trained here on a fresh run)."""
+        from archlab.train.setup import load_corpus, row_length_for
+
+        return load_corpus(self.cfg.data, row_length_for(self.cfg), self.tokenizer_file)
+
+    def iterator(self):
+        """The run's training batches: a grain iterator whose order is a function of (seed, step)."""
+        from archlab.data import build_iterator
+
+        return build_iterator(
+            self.corpus.train, batch_size=self.cfg.run.batch_size, seed=self.cfg.run.seed, transform=self.transform
+        )
+
+    def validation_batches(self, n_batches: int | None = None, batch_size: int | None = None) -> list[dict]:
+        """The fixed validation batches (same rows and objective noise at every evaluation)."""
+        from archlab.train.setup import validation_batches
+
+        run = self.cfg.run
+        return validation_batches(
+            self.corpus.validation, self.transform, batch_size=batch_size or run.batch_size,
+            n_batches=n_batches or run.eval_batches, seed=run.seed,
+        )
+
+    def device_batch(self, batch: dict) -> dict:
+        """A host batch split into micro-batches (``grad_accum_steps``) and sharded over the mesh."""
+        accum = self.cfg.optimizer.grad_accum_steps
+        if accum > 1:
+            batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
+        return self.mesh.shard_batch(batch, leading_axes=1 if accum > 1 else 0)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def train_step(self):
+        """The jitted update ``(state, device batch) -> (state, metrics)`` (state donated)."""
+        from archlab.train.step import make_train_step
+
+        run = self.cfg.run
+        return make_train_step(
+            self.graphdef, self.tx, grad_accum_steps=self.cfg.optimizer.grad_accum_steps,
+            skip_nonfinite=run.on_nonfinite == "skip", inject_nan_at_step=run.inject_nan_at_step,
+            inject_nan_into=run.inject_nan_into,
+        )
+
+    @functools.cached_property
+    def eval_step(self):
+        """The jitted ``(params, batch) -> sums`` of loss, weight and correct predictions."""
+        from archlab.train.step import make_eval_step
+
+        return make_eval_step(self.graphdef)
+
+    def step(self, batch: dict) -> dict:
+        """Apply one update to ``self.state`` from a host batch; returns the step's metrics."""
+        self.state, metrics = self.train_step(self.state, self.device_batch(batch))
+        return metrics
+
+    def evaluate(self, batches: list[dict] | None = None, prefix: str = "val") -> dict[str, float]:
+        """Loss, perplexity, accuracy and bits per byte of the current parameters."""
+        import jax
+
+        from archlab.train.metrics import Aggregate, eval_metrics
+
+        totals = Aggregate()
+        for batch in self.validation_batches() if batches is None else batches:
+            totals.add(jax.device_get(self.eval_step(self.state.params, self.mesh.shard_batch(batch))))
+        return eval_metrics(totals, self.corpus.bytes_per_token_validation, prefix=prefix)
+
+    @property
+    def model(self):
+        """The network with the current parameters."""
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, self.state.params)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def load(self, checkpoints, step: int | None = None):
+        """Restore ``step`` (None: the newest good one) into ``self.state``; returns orbax's ``Restored``."""
+        from archlab.train.state import abstract_like, from_checkpoint, to_checkpoint
+
+        try:
+            restored = checkpoints.restore(step, abstract_like(to_checkpoint(self.state)))
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"checkpoint step {step} in {checkpoints.directory} does not match its saved config "
+                f"({str(error).splitlines()[0]})"
+            ) from error
+        self.state = from_checkpoint(restored.state, self.state)
+        return restored
+
+    @classmethod
+    def restore(cls, run_dir: str | Path, step: int | None = None, *, data: DataConfig | None = None) -> "Trainer":
+        """The run saved in ``run_dir`` at ``step`` (None: the newest good step), from its own config.
+
+        ``data`` evaluates on other text through the run's tokenizer, rows and objective.
+        ``trainer.restored_step`` says which step was loaded.
+        """
+        from archlab.train.checkpoint import Checkpointer
+        from archlab.train.run_dir import TOKENIZER_FILE
+
+        run_dir = Path(run_dir)
+        cfg = load_run_config(run_dir)
+        if data is not None:
+            cfg = dataclasses.replace(
+                cfg, data=dataclasses.replace(data, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
+            )
+        trainer = cls(cfg, tokenizer_file=run_dir / TOKENIZER_FILE, abstract=True)
+        trainer.run_dir = run_dir
+        restored = trainer.load(Checkpointer(run_dir / "checkpoints", async_save=False), step)
+        trainer.restored_step = restored.step
+        return trainer
