@@ -192,8 +192,9 @@ def decode_flops_per_token(
     ``context`` is the fixed cache length the step attends (masked slots cost the same). For
     encoder_decoder, ``input_len`` is the encoder length: each decoder layer adds cross-attention
     q/o projections and scores over ``input_len`` keys, and, unless ``cross_kv_cached``, the
-    cross-attention key/value projections of all ``input_len`` encoder states, which archlab's
-    decoder recomputes at every step (it keeps the encoder output, not a cross K/V cache).
+    cross-attention key/value projections of all ``input_len`` encoder states (``archlab.generate``
+    projects them once per generation, ``cross_kv_cached=True``; a decoder that keeps only the
+    encoder output recomputes them at every step).
     """
     if cfg.family == "encoder_only":
         raise ConfigError("encoder_only models have no decoder, so no decode step")
@@ -235,6 +236,18 @@ def kv_cache_bytes(
     name = cfg.replace(kv_cache_dtype=dtype).cache_dtype if dtype is not None else cfg.cache_dtype  # validated
     scales = slots * KV_SCALE_BYTES if name == "int8" else 0
     return slots * cfg.dim_per_head * KV_ELEMENT_BYTES[name] + scales
+
+
+def cross_kv_bytes(cfg: ModelConfig, input_len: int, batch: int = 1) -> int:
+    """Bytes of an encoder_decoder's cross-attention keys and values of ``input_len`` encoder states.
+
+    ``2 * decoder layers * kv_heads * head_dim * input_len * batch`` elements in the compute dtype:
+    what generation projects once from the encoder output (``EncoderDecoder.cross_kv``) and reads
+    at every step; they are not quantized with the self-attention cache.
+    """
+    if cfg.family != "encoder_decoder":
+        raise ConfigError(f"{cfg.family} models have no cross-attention")
+    return 2 * cfg.decoder_layers * cfg.kv_heads * cfg.dim_per_head * input_len * batch * KV_ELEMENT_BYTES[cfg.dtype]
 
 
 # Dense peak FLOP/s per device (bf16 unless noted); the CPU's rate is measured, not assumed.

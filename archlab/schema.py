@@ -170,7 +170,24 @@ class EvalConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+# What a size= preset sets; a reference architecture's model= option keeps the rest of its preset.
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "max_seq_len")
+
+
+def reference_components(name: str) -> dict:
+    """``model=<name>`` for a reference architecture: its preset's components (archlab.config.PRESETS)
+    without its shape, which ``size=`` gives; vocabulary and positions follow ``data``."""
+    from archlab.config import PRESETS
+
+    components = {k: v for k, v in PRESETS[name].items() if k not in SHAPE_KEYS}
+    return {**components, "vocab_size": "${data.vocab_size}", "max_seq_len": "${data.seq_len}"}
+
+
 def register_configs() -> None:
+    from archlab.config import PRESETS
+
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    for name in PRESETS:
+        store.store(group="model", name=name, node=reference_components(name))

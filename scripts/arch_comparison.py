@@ -10,30 +10,29 @@ AND ``layers`` decoder layers (T5's L+L against L). Every number comes from arch
 (tested against real parameter trees, XLA cost analysis and allocated caches); nothing is built
 except the tiny mask pictures. Runs on the CPU in seconds.
 
-Decoding at context c: decoder_only holds all c tokens in its KV cache; encoder_decoder reads
-them as a c-token encoder input and caches only its ``--output`` decoder tokens, holding the
-encoder output (c x d_model) for cross-attention, whose keys and values archlab's decoder
-recomputes at every step (the decode FLOPs include that; the row below it shows the FLOPs with
-a cross K/V cache instead).
+Decoding at context c, as ``archlab.generate`` decodes: decoder_only holds all c tokens in its KV
+cache; encoder_decoder reads them as a c-token encoder input, projects every decoder layer's
+cross-attention keys and values of it once, and caches its ``--output`` decoder tokens. Its KV
+cache is both (the cross-attention keys and values in the compute dtype, the self-attention cache
+in ``--kv-cache-dtype``); the row below the decode FLOPs shows what a decoder that recomputes the
+cross keys and values at every step would cost instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
 from archlab.accounting import (
-    KV_ELEMENT_BYTES, count_params, decode_flops_per_token, forward_flops, kv_cache_bytes, prefill_flops,
+    count_params, cross_kv_bytes, decode_flops_per_token, forward_flops, kv_cache_bytes, prefill_flops,
 )
 from archlab.config import KV_CACHE_DTYPES, ModelConfig
 from archlab.nn import masks
 from archlab.objectives.registry import FAMILIES, OBJECTIVE_FAMILY
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SHORT = {"encoder_only": "encoder-only", "decoder_only": "decoder-only", "encoder_decoder": "encoder-decoder"}
 
 
@@ -42,24 +41,15 @@ def objectives_of(family: str) -> list[str]:
 
 
 def family_configs(size: str, vocab: int, seq: int, model_overrides: dict[str, object]) -> dict[str, tuple]:
-    """``{family: (ModelConfig, TrainConfig)}`` composed through Hydra like ``archlab-train``."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    """``{family: (ModelConfig, TrainConfig)}`` composed exactly as ``archlab-train`` composes them."""
+    from archlab.trainer import compose
 
-    from archlab.cli import _first_set
-    from archlab.schema import register_configs
-
-    register_configs()
-    if not OmegaConf.has_resolver("archlab.or"):
-        OmegaConf.register_new_resolver("archlab.or", _first_set)
     extra = [f"model.{key}={value}" for key, value in model_overrides.items() if value is not None]
     configs = {}
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for family in FAMILIES:
-            overrides = [f"model={family}", f"size={size}", f"objective={objectives_of(family)[0]}",
-                         f"data.vocab_size={vocab}", f"data.seq_len={seq}", "logger=none", *extra]
-            train_cfg = OmegaConf.to_object(compose("train", overrides=overrides))
-            configs[family] = (train_cfg.model, train_cfg)
+    for family in FAMILIES:
+        train_cfg = compose([f"model={family}", f"size={size}", f"objective={objectives_of(family)[0]}",
+                             f"data.vocab_size={vocab}", f"data.seq_len={seq}", "logger=none", *extra])
+        configs[family] = (train_cfg.model, train_cfg)
     return configs
 
 
@@ -79,20 +69,20 @@ def compare(configs: dict[str, tuple], *, seq: int, contexts: list[int], output:
             "objectives": ", ".join(objectives_of(family)),
             "prefill_flops": prefill_flops(cfg, seq),
         }
-        element_bytes = KV_ELEMENT_BYTES[cfg.replace(kv_cache_dtype="auto").cache_dtype]
         for c in contexts:
             if family == "encoder_only":
-                row.update({f"decode_flops@{c}": None, f"decode_flops_cross_cached@{c}": None,
-                            f"kv_cache@{c}": None, f"encoder_output@{c}": None})
+                row.update({f"decode_flops@{c}": None, f"decode_flops_recomputing_cross@{c}": None,
+                            f"kv_cache@{c}": None, f"cross_kv@{c}": None})
             elif family == "decoder_only":
-                row.update({f"decode_flops@{c}": decode_flops_per_token(cfg, c), f"decode_flops_cross_cached@{c}": None,
-                            f"kv_cache@{c}": kv_cache_bytes(cfg, c), f"encoder_output@{c}": None})
+                row.update({f"decode_flops@{c}": decode_flops_per_token(cfg, c),
+                            f"decode_flops_recomputing_cross@{c}": None,
+                            f"kv_cache@{c}": kv_cache_bytes(cfg, c), f"cross_kv@{c}": None})
             else:
                 row.update({
-                    f"decode_flops@{c}": decode_flops_per_token(cfg, output, c),
-                    f"decode_flops_cross_cached@{c}": decode_flops_per_token(cfg, output, c, cross_kv_cached=True),
-                    f"kv_cache@{c}": kv_cache_bytes(cfg, output),
-                    f"encoder_output@{c}": c * cfg.d_model * element_bytes,
+                    f"decode_flops@{c}": decode_flops_per_token(cfg, output, c, cross_kv_cached=True),
+                    f"decode_flops_recomputing_cross@{c}": decode_flops_per_token(cfg, output, c),
+                    f"kv_cache@{c}": kv_cache_bytes(cfg, output) + cross_kv_bytes(cfg, c),
+                    f"cross_kv@{c}": cross_kv_bytes(cfg, c),
                 })
         table[family] = row
     return table
@@ -130,9 +120,9 @@ def render_table(table: dict[str, dict], *, seq: int, contexts: list[int], outpu
     for c in contexts:
         labels += [
             (f"decode_flops@{c}", f"decode FLOPs / token @ {c:,}", _number),
-            (f"decode_flops_cross_cached@{c}", "  ... with a cross K/V cache", _number),
+            (f"decode_flops_recomputing_cross@{c}", "  ... recomputing cross K/V per step", _number),
             (f"kv_cache@{c}", f"KV cache ({cache_dtype}) @ {c:,}", _bytes),
-            (f"encoder_output@{c}", f"encoder output @ {c:,}", _bytes),
+            (f"cross_kv@{c}", "  of which cross-attention K/V", _bytes),
         ]
     families = list(table)
     header = ["", *(SHORT[f] for f in families)]
@@ -144,7 +134,8 @@ def render_table(table: dict[str, dict], *, seq: int, contexts: list[int], outpu
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(
-        f"@ c: c tokens of context; encoder-decoder reads them as encoder input and caches its {output} output tokens."
+        f"@ c: c tokens of context; encoder-decoder reads them as encoder input, caches their cross-attention K/V "
+        f"and its {output} output tokens."
     )
     return "\n".join(lines)
 

@@ -41,14 +41,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# orbax's on-disk layout is known in one place: archlab/train/checkpoint.py.
+from archlab.train.checkpoint import TMP_MARK, committed_steps, saved_state_shapes
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["size=nano", "data.seq_len=32", "data.vocab_size=512", "run.batch_size=4", "run.eval_batches=1",
          "run.progress=false", "run.samples=0", "run.log_every=1", "logger=wandb", "logger.mode=offline"]
 # Logged values that measure the machine, not the run.
 TIMING_KEYS = {"train/tokens_per_s", "train/mfu"}
-TMP_MARK = ".orbax-checkpoint-tmp"
 POLL_S = 0.002
-KEEP_CHECKPOINTS = 3  # conf/run/default.yaml
+KEEP_CHECKPOINTS = 3  # run.keep_checkpoints' default (archlab/schema.py)
 
 
 @dataclass
@@ -95,14 +97,6 @@ def launch(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 # -- what is on disk ---------------------------------------------------------------------------
-
-
-def committed_steps(run_dir: Path) -> list[int]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()
-                  and (p / "commit_success.txt").is_file() and (p / "_CHECKPOINT_METADATA").is_file())
 
 
 def unfinished_saves(run_dir: Path, ignore: frozenset = frozenset()) -> list[str]:
@@ -212,7 +206,7 @@ def kill_trial(trial: int, settings: Settings, cmd: list[str], env: dict, run_di
     window = {"startup": settings.startup_window, "training": settings.training_window,
               "checkpoint": settings.checkpoint_wait}[mode]
     delay = rng.uniform(*window)
-    resumes_from = max(committed_steps(run_dir), default=0)
+    resumes_from = max(committed_steps(run_dir / "checkpoints"), default=0)
     stale = unfinished_now(run_dir)  # a save this launch starts is a new directory
     started = time.time()
     t0 = time.monotonic()
@@ -243,7 +237,7 @@ def kill_trial(trial: int, settings: Settings, cmd: list[str], env: dict, run_di
                 "outcome": f"exit {rc}", "mode": mode, "ok": rc == 0, "tmp_left": []}
     helpers_gone = wait_helpers_gone(proc.pid)
     free = lock_is_free(run_dir)
-    latest = max(committed_steps(run_dir), default=0)
+    latest = max(committed_steps(run_dir / "checkpoints"), default=0)
     tmp_left = unfinished_saves(run_dir)
     outcome = f"next launch resumes from step {latest}" if latest else "next launch starts from step 0"
     if tmp_left:
@@ -259,14 +253,9 @@ def kill_trial(trial: int, settings: Settings, cmd: list[str], env: dict, run_di
 
 
 def final_checkpoint(run_dir: Path, step: int):
-    import jax
-    import orbax.checkpoint as ocp
-
     from archlab.train.checkpoint import Checkpointer
 
-    step_dir = run_dir / "checkpoints" / str(step)
-    metadata = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+    abstract = saved_state_shapes(run_dir / "checkpoints" / str(step))
     with Checkpointer(run_dir / "checkpoints", async_save=False) as checkpoints:
         return checkpoints.restore(step, abstract)
 
@@ -406,7 +395,7 @@ def run_study(settings: Settings, seed: int, work: Path, cache: Path) -> int:
     divergences = max(leaves_bad, 0) + max(rows_bad, 0) + max(duplicates, 0)
     launches = len(trials) + 1
     abandoned = len([*(faulty / "checkpoints").glob(f"*{TMP_MARK}*"), *(faulty / "checkpoints").glob("abandoned-*")])
-    kept = committed_steps(faulty)
+    kept = committed_steps(faulty / "checkpoints")
     print(f"summary: kills={kills} (during a checkpoint write: {write_kills}), launches={launches}, "
           f"divergences={divergences} (state leaves {max(leaves_bad, 0)}/{leaves}, metric rows {max(rows_bad, 0)}/{rows}, "
           f"duplicate rows {max(duplicates, 0)}), same wandb id={'yes' if same_id else 'no'} "

@@ -54,6 +54,17 @@ def test_script_parameter_counts_equal_the_real_trees(capsys):
     assert table["decoder_only"]["kv_cache@128"] == 2 * 2 * cfg.kv_heads * cfg.dim_per_head * 128 * 2  # bf16
     for panel in ("bidirectional", "causal", "cross"):
         assert panel in printed
+    # What generation holds for an encoder-decoder: its own cache of 8 output tokens plus every
+    # decoder layer's cross-attention keys and values of the 128-token input, as allocated.
+    enc_dec = configs["encoder_decoder"][0]
+    model = build_model(enc_dec)
+    encoded = jax.ShapeDtypeStruct((1, 128, enc_dec.d_model), jnp.float32)
+    cross = jax.eval_shape(model.cross_kv, encoded)
+    held = jax.eval_shape(lambda: model.init_caches(1, 8))
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cross, held)))
+    assert table["encoder_decoder"]["kv_cache@128"] == nbytes
+    assert table["encoder_decoder"]["decode_flops@128"] == decode_flops_per_token(
+        enc_dec, 8, 128, cross_kv_cached=True)
 
 
 def test_script_takes_an_explicit_shape(capsys):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from archlab.train.tracking import offline_run_files
+from wandb_offline import offline_run_files
 from conftest import REPO, SHRINK
 
 TINY = [s for s in SHRINK if not s.startswith("run.steps=")]

@@ -16,14 +16,8 @@ from PIL import Image
 
 from archlab.errors import ConfigError
 from archlab.train import tracking
-from archlab.train.tracking import (
-    Tracker,
-    offline_run_files,
-    read_offline_history,
-    read_offline_records,
-    read_offline_run,
-    trim_metrics_file,
-)
+from archlab.train.tracking import Tracker, trim_metrics_file
+from wandb_offline import offline_run_files, read_offline_history, read_offline_records, read_offline_run
 
 CONFIG = {"lr": 3e-4, "model": {"d_model": 64, "n_layers": 2}, "seed": 7}
 

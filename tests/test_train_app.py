@@ -56,7 +56,7 @@ def test_resume_refuses_a_different_config(train_run, tmp_path):
 
 
 def test_wandb_offline_run_reads_back(train_run, tmp_path):
-    from archlab.train.tracking import offline_run_files, read_offline_history, read_offline_run
+    from wandb_offline import offline_run_files, read_offline_history, read_offline_run
 
     summary = train_run(tmp_path / "run", "logger=wandb", "logger.mode=offline", "run.steps=3")
     (path,) = offline_run_files(tmp_path / "run")

@@ -20,6 +20,7 @@ from typing import Any
 
 from archlab.data.files import files
 from archlab.errors import ConfigError, DataError
+from archlab.schema import DATA_SOURCES
 
 SPLITS: tuple[str, ...] = ("train", "validation")
 
@@ -122,6 +123,8 @@ SOURCES: dict[str, Callable[..., list[str] | Iterator[str]]] = {
     "files": files,
     "hf": hf,
 }
+# The schema names them too (it is validated before this module's imports load): one list.
+assert tuple(SOURCES) == DATA_SOURCES, "archlab.schema.DATA_SOURCES must name the sources of SOURCES"
 
 
 def load_documents(kind: str, split: str, **options: Any) -> list[str] | Iterator[str]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from archlab.config import FAMILIES
 from archlab.errors import ConfigError, DataError, IncompatibleObjectiveError
 from archlab.objectives.clm import next_token_targets
 from archlab.objectives.mlm import mask_tokens
@@ -22,7 +23,6 @@ OBJECTIVE_FAMILY: dict[str, str] = {
     "prefix_lm": "decoder_only",
     "span_corruption": "encoder_decoder",
 }
-FAMILIES: tuple[str, ...] = ("encoder_only", "decoder_only", "encoder_decoder")
 
 # The function whose keyword options each objective accepts (beyond vocab_size / lengths).
 _OPTION_SOURCE: dict[str, Callable[..., Any]] = {

@@ -45,7 +45,8 @@ ITEMS = ("state", "data", "meta")
 # Both are written by orbax 0.12 before the rename that commits a step.
 _COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
 # orbax's in-progress directory for a step (some versions append -<timestamp>).
-_TMP_NAME = re.compile(r"(0|[1-9]\d*)\.orbax-checkpoint-tmp(-\d+)?")
+TMP_MARK = ".orbax-checkpoint-tmp"
+_TMP_NAME = re.compile(r"(0|[1-9]\d*)" + re.escape(TMP_MARK) + r"(-\d+)?")
 _REASON_CHARS = 300
 
 
@@ -86,6 +87,17 @@ def _unfinished_dirs(root: Path) -> dict[int, Path]:
 
 def _is_committed(step_dir: Path) -> bool:
     return all((step_dir / name).is_file() for name in _COMMIT_FILES)
+
+
+def committed_steps(root: str | os.PathLike) -> list[int]:
+    """Steps under a checkpoint root whose save committed, ascending (without asking orbax)."""
+    return sorted(s for s, p in _step_dirs(Path(root)).items() if _is_committed(p))
+
+
+def saved_state_shapes(step_dir: str | os.PathLike) -> PyTree:
+    """The stored state of one step as ``jax.ShapeDtypeStruct`` leaves (a restore target)."""
+    metadata = ocp.StandardCheckpointHandler().metadata(Path(step_dir) / "state")
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), getattr(metadata, "tree", metadata))
 
 
 def _on_disk_problem(step_dir: Path) -> str | None:
