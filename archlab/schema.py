@@ -16,7 +16,8 @@ from archlab.config import ModelConfig, _help
 from archlab.errors import ConfigError
 
 OBJECTIVES = ("clm", "mlm", "span_corruption", "prefix_lm")
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+COOLDOWN_SHAPES = ("linear", "cosine", "1-sqrt")
 NONFINITE_POLICIES = ("stop", "skip")
 NAN_TARGETS = ("loss", "gradients")
 LOGGER_BACKENDS = ("wandb", "none")
@@ -57,10 +58,14 @@ class OptimizerConfig:
     b2: float = _help(0.95, "Adam beta2")
     eps: float = _help(1e-8, "Adam epsilon")
     weight_decay: float = _help(0.1, "decoupled weight decay on matrices (not on biases, norms)")
-    schedule: str = _help("cosine", "decay after warmup: cosine | linear | constant")
+    schedule: str = _help(
+        "cosine", "decay after warmup: cosine | linear | constant | wsd (constant, then a cooldown at the end)"
+    )
     warmup_fraction: float = _help(0.05, "warmup as a fraction of the run's steps")
     warmup_tokens: Optional[int] = _help(None, "warmup length in tokens; overrides warmup_fraction")
     final_lr_fraction: float = _help(0.1, "learning rate at the end, as a fraction of the peak")
+    cooldown_fraction: float = _help(0.2, "wsd only: the cooldown's share of the run's steps, in (0, 1]")
+    cooldown_shape: str = _help("1-sqrt", "wsd only: cooldown from peak to final: linear | cosine | 1-sqrt")
     grad_clip: float = _help(1.0, "global gradient-norm clip; 0 disables")
     grad_accum_steps: int = _help(1, "micro-batches accumulated per update")
 
@@ -71,6 +76,12 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"optimizer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 < self.cooldown_fraction <= 1:
+            raise ConfigError(f"optimizer.cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
+        if self.cooldown_shape not in COOLDOWN_SHAPES:
+            raise ConfigError(
+                f"optimizer.cooldown_shape={self.cooldown_shape!r} is not one of {', '.join(COOLDOWN_SHAPES)}"
+            )
         if self.grad_accum_steps < 1:
             raise ConfigError(f"optimizer.grad_accum_steps must be at least 1, got {self.grad_accum_steps}")
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -260,6 +261,35 @@ def test_tokenizer_round_trips_text_exactly(small_tokenizer):
     ids = small_tokenizer.encode(texts[3])
     assert not SPECIAL.is_special(np.array(ids), small_tokenizer.vocab_size).any()
     assert small_tokenizer.encode_batch(texts) == [small_tokenizer.encode(t) for t in texts]
+
+
+def test_training_pieces_cut_only_runs_longer_than_max_run():
+    from tokenizers import pre_tokenizers
+
+    ordinary = "To be, or not to be:\n\n  that is the question. " * 200
+    assert list(tokenizer_module.training_pieces(ordinary)) == [ordinary]
+    run = tokenizer_module.MAX_RUN
+    # \x1c is whitespace to Python but punctuation to the pre-tokenizer: "\x1c!" * run is one pre-token
+    text = "x " + "a" * (2 * run + 5) + " " * (run + 1) + "\x1c!" * run + " tail"
+    pieces = list(tokenizer_module.training_pieces(text))
+    assert "".join(pieces) == text and len(pieces) == 5
+    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    longest = max(len(token) for piece in pieces for token, _ in pre_tokenizer.pre_tokenize_str(piece))
+    assert longest <= run + 1  # a word's leading space joins it
+
+
+def test_tokenizer_trains_in_seconds_on_a_long_line_without_whitespace():
+    # one 5 MB pre-token kept the BPE trainer busy for over 10 minutes (quadratic in its length),
+    # even for the 16 merges asked for here; cut into runs, it takes about 2 s
+    line = np.random.default_rng(0).integers(ord("a"), ord("z") + 1, 5_000_000, dtype=np.uint8).tobytes().decode()
+    vocab_size = tokenizer_module.MIN_VOCAB_SIZE + 16
+    start = time.perf_counter()
+    tok = train_tokenizer([line, "and an ordinary line"], vocab_size)
+    assert time.perf_counter() - start < 60
+    assert tok.vocab_size == vocab_size
+    # encoding never sees the cut; a 1 MB pre-token round-trips in a second, all 5 MB would take 7
+    prefix = line[:1_000_000]
+    assert tok.decode(tok.encode(prefix)) == prefix
 
 
 def test_tokenizer_file_round_trip_and_bad_files(small_tokenizer, tmp_path):
