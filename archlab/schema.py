@@ -99,6 +99,11 @@ class RunConfig:
         "tokens = C / train FLOPs per token of the plan (wins over run.tokens_per_param and run.tokens)"
     )
     steps: int = _help(600, "number of updates when no token budget is given")
+    branches: List[float] = field(default_factory=list, metadata={"help": (
+        "budgets (in run.flops's unit when it is set, else run.tokens's) at which a constant-rate wsd trunk forks a "
+        "cooldown branch, each equal to a separate optimizer.schedule=wsd run to that budget; written to "
+        "branches/<budget>/ (experiments/scaling_laws/)")})
+    branch_checkpoints: bool = _help(False, "save each branch's cooled-down final checkpoint in its directory")
     eval_every: int = _help(200, "validation every N steps (and at the end)")
     eval_batches: int = _help(8, "validation batches per evaluation")
     checkpoint_every: int = _help(200, "checkpoint every N steps (and at the end)")

@@ -85,11 +85,13 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Every refusal that needs no data: batch split, budget and lengths, objective options."""
+    from archlab.train.branches import plan_branches
     from archlab.train.setup import check_batch, make_plan, objective_transform
 
     check_batch(cfg)
     make_plan(cfg, cfg.data.vocab_size)
     objective_transform(cfg, cfg.data.vocab_size)
+    plan_branches(cfg, cfg.data.vocab_size)
 
 
 class Trainer:
@@ -106,7 +108,7 @@ class Trainer:
 
         from archlab.data import Tokenizer
         from archlab.nn.models import build_model
-        from archlab.train.optim import make_optimizer
+        from archlab.train.optim import make_optimizer, schedule_points
         from archlab.train.setup import make_plan, objective_transform
         from archlab.train.sharding import Mesh1D
         from archlab.train.state import TrainState
@@ -120,6 +122,10 @@ class Trainer:
         build = functools.partial(build_model, self.plan.model, seed=cfg.run.seed)
         self.graphdef, params = nnx.split(nnx.eval_shape(build) if abstract else build())
         self.tx, self.schedule = make_optimizer(cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step)
+        # A trunk (run.branches) runs at the peak rate; its branches cool down (train/branches.py).
+        self.schedule_points = schedule_points(
+            cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step, trunk=bool(cfg.run.branches)
+        )
         self.mesh = Mesh1D()
         if abstract:
             self.state = jax.eval_shape(lambda p: TrainState.create(p, self.tx), params)
@@ -183,19 +189,36 @@ class Trainer:
 
     def step(self, batch: dict) -> dict:
         """Apply one update to ``self.state`` from a host batch; returns the step's metrics."""
-        self.state, metrics = self.train_step(self.state, self.device_batch(batch))
+        self.state, metrics = self.train_step(self.state, self.device_batch(batch), self.schedule_points)
         return metrics
 
-    def evaluate(self, batches: list[dict] | None = None, prefix: str = "val") -> dict[str, float]:
-        """Loss, perplexity, accuracy and bits per byte of the current parameters."""
+    def evaluate(self, batches: list[dict] | None = None, prefix: str = "val", params=None) -> dict[str, float]:
+        """Loss, perplexity, accuracy and bits per byte of ``params`` (default: the current ones)."""
         import jax
 
         from archlab.train.metrics import Aggregate, eval_metrics
 
+        params = self.state.params if params is None else params
         totals = Aggregate()
         for batch in self.validation_batches() if batches is None else batches:
-            totals.add(jax.device_get(self.eval_step(self.state.params, self.mesh.shard_batch(batch))))
+            totals.add(jax.device_get(self.eval_step(params, self.mesh.shard_batch(batch))))
         return eval_metrics(totals, self.corpus.bytes_per_token_validation, prefix=prefix)
+
+    def learning_rate(self, count: int, points: tuple[int, int] | None = None) -> float:
+        """The rate of update ``count`` (0-based): the run's schedule, or wsd with cooldown ``points``."""
+        if self.schedule_points is None:
+            return float(self.schedule(count))
+        from archlab.train.optim import warmup_steps, wsd_rate
+
+        warmup = warmup_steps(self.cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step)
+        return float(wsd_rate(self.cfg.optimizer, warmup)(count, self.schedule_points if points is None else points))
+
+    @functools.cached_property
+    def branches(self):
+        """``run.branches`` planned for the real vocabulary (``train.branches.Branch``)."""
+        from archlab.train.branches import plan_branches
+
+        return plan_branches(self.cfg, self.tokenizer.vocab_size)
 
     @property
     def model(self):

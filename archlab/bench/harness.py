@@ -69,6 +69,19 @@ class BenchShape:
         return {"lower_s": lower_s, "compile_s": compile_s, "xla_temp_mb": temp_mb}, run_one_step
 
 
+def repeated_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``run`` (which must block) after ``warmup`` untimed ones
+    (compilation). On a shared machine report the minimum, the least disturbed call."""
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def peak_memory_mb() -> dict:
     """Process RSS high-water mark on the CPU; the device allocator's peak elsewhere."""
     import jax

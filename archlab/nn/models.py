@@ -124,20 +124,32 @@ def _final_norm(cfg: ModelConfig) -> Norm | None:
     return Norm(cfg) if cfg.norm_position == "pre" else None
 
 
-class EncoderOnly(LanguageModel):
-    """BERT: bidirectional encoder, MLM head, first-token pooler."""
+class _OneStack(LanguageModel):
+    """A family with one layer stack: embeddings, (relative bias), layers, final norm, head."""
 
-    FAMILY = "encoder_only"
+    BIDIRECTIONAL: bool
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.cfg
         self.relative_bias = (
-            RelativePositionBias(cfg, bidirectional=True, rngs=rngs) if cfg.position == "relative" else None
+            RelativePositionBias(cfg, bidirectional=self.BIDIRECTIONAL, rngs=rngs) if cfg.position == "relative"
+            else None
         )
         self.layers = LayerStack(cfg, cfg.n_layers, cross_attention=False, depth=cfg.n_layers, rngs=rngs)
         self.final_norm = _final_norm(cfg)
         self.lm_head = LMHead(cfg, rngs=rngs)
+
+
+class EncoderOnly(_OneStack):
+    """BERT: bidirectional encoder, MLM head, first-token pooler."""
+
+    FAMILY = "encoder_only"
+    BIDIRECTIONAL = True
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.cfg
         self.pooler = (
             Dense(cfg.d_model, cfg.d_model, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
             if cfg.pooler else None
@@ -170,20 +182,11 @@ class EncoderOnly(LanguageModel):
         return pooled_BD if self.pooler is None else jnp.tanh(self.pooler(pooled_BD))
 
 
-class DecoderOnly(LanguageModel):
+class DecoderOnly(_OneStack):
     """GPT: causal decoder (or prefix-LM with ``prefix_BT``), LM head tied or not."""
 
     FAMILY = "decoder_only"
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        cfg = self.cfg
-        self.relative_bias = (
-            RelativePositionBias(cfg, bidirectional=False, rngs=rngs) if cfg.position == "relative" else None
-        )
-        self.layers = LayerStack(cfg, cfg.n_layers, cross_attention=False, depth=cfg.n_layers, rngs=rngs)
-        self.final_norm = _final_norm(cfg)
-        self.lm_head = LMHead(cfg, rngs=rngs)
+    BIDIRECTIONAL = False
 
     def hidden(
         self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, prefix_BT=None,

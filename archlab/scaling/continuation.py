@@ -146,9 +146,18 @@ def run_continuation_bpb(
     model, tokenizer, cfg, _ = load_final_model(run_dir)
     if cfg.model.family not in GENERATIVE_FAMILIES:
         return None
+    return model_continuation_score(model, tokenizer, cfg, n_windows=n_windows, prefix_tokens=prefix_tokens,
+                                    continuation_tokens=continuation_tokens, documents=documents, what=str(run_dir))
+
+
+def model_continuation_score(
+    model, tokenizer: Tokenizer, cfg: TrainConfig, *, n_windows: int = 128, prefix_tokens: int = 64,
+    continuation_tokens: int = 24, documents: list[str] | None = None, what: str = "this run",
+) -> ContinuationScore:
+    """The continuation score of a generative model trained with ``cfg``, on its validation documents."""
     if continuation_tokens > max_continuation_tokens(cfg) or prefix_tokens + continuation_tokens > cfg.data.seq_len:
         raise ConfigError(
-            f"{run_dir}: a {prefix_tokens}+{continuation_tokens}-token window does not fit this run "
+            f"{what}: a {prefix_tokens}+{continuation_tokens}-token window does not fit this run "
             f"(seq_len {cfg.data.seq_len}, longest continuation {max_continuation_tokens(cfg)})"
         )
     if documents is None:
@@ -160,5 +169,6 @@ def run_continuation_bpb(
 
 __all__ = [
     "ContinuationScore", "ContinuationWindows", "GENERATIVE_FAMILIES", "continuation_nll", "continuation_windows",
-    "load_final_model", "max_continuation_tokens", "run_continuation_bpb", "score_continuations",
+    "load_final_model", "max_continuation_tokens", "model_continuation_score", "run_continuation_bpb",
+    "score_continuations",
 ]

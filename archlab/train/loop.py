@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from archlab.accounting import device_peak_flops
-from archlab.errors import ArchlabError
+from archlab.errors import ArchlabError, ConfigError
 from archlab.schema import TrainConfig
-from archlab.train import run_dir as run_files
+from archlab.train import branches, run_dir as run_files
 from archlab.train.checkpoint import Checkpointer
 from archlab.train.metrics import progress_bar
 from archlab.train.state import TrainState, to_checkpoint
@@ -67,7 +67,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     cfg = resolved(cfg)
     check_config(cfg)  # budget, lengths and objective options refused before any data is read
     recorded = config_dict(cfg)
-    run_files.check_resumable(run_dir, recorded)
+    run_files.check_resumable(run_dir, recorded)  # refused before any data is read
     trainer = Trainer(cfg, tokenizer_file=run_files.saved_tokenizer(run_dir))
     val_batches = trainer.validation_batches()
     with run_files.RunLock(run_dir), run_files.log_to_file(run_dir):
@@ -93,6 +93,12 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
         meta = dict(restored.meta)
         log.info("resumed from step %d in %s", restored.step, run_dir)
     start_step = int(trainer.state.step)
+    for branch in trainer.branches:
+        if branch.fork_step < start_step and not branches.is_done(branch, run_dir):
+            raise ConfigError(
+                f"run.branches: {branch.name} forks after update {branch.fork_step}, but the trunk resumes at step "
+                f"{start_step}; a trunk is extended only by branches that fork after its end"
+            )
 
     derived = {**plan.derived(), "unigram_entropy_nats": corpus.unigram_entropy_nats,
                "bytes_per_token_validation": corpus.bytes_per_token_validation}
@@ -109,7 +115,7 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
         run_id=run_id, resume_step=start_step, entity=cfg.logger.entity,
     )
     try:
-        return _steps(trainer, _Run(data, val_batches, checkpoints, tracker, stop, derived, start_step))
+        return _steps(trainer, _Run(run_dir, data, val_batches, checkpoints, tracker, stop, derived, start_step))
     except BaseException:
         # Let a good checkpoint still being written commit; mark the W&B run failed.
         tracker.finish(exit_code=1)
@@ -124,6 +130,7 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
 class _Run:
     """What the step loop drives besides the trainer."""
 
+    run_dir: Path
     data: object  # the grain iterator
     val_batches: list[dict]
     checkpoints: Checkpointer
@@ -136,9 +143,9 @@ class _Run:
 def _steps(trainer, run: _Run) -> dict:
     cfg, plan, corpus = trainer.cfg, trainer.plan, trainer.corpus
     tracker, checkpoints, start_step = run.tracker, run.checkpoints, run.start_step
-    if start_step == 0:
-        tracker.summary(run.derived)
+    tracker.summary(run.derived)  # on a resume the same values; an extended trunk's new budget
     peak = device_peak_flops() * jax.device_count()
+    pending = [b for b in trainer.branches if not branches.is_done(b, run.run_dir)]
 
     def evaluate(step: int) -> dict[str, float]:
         metrics = trainer.evaluate(run.val_batches)
@@ -150,7 +157,20 @@ def _steps(trainer, run: _Run) -> dict:
         meta_now = {"wandb_run_id": tracker.run_id, "tokens": step * plan.tokens_per_step, "seed": cfg.run.seed}
         checkpoints.save(step, to_checkpoint(trainer.state), data=run.data.get_state(), meta=meta_now)
 
+    def fork(step: int) -> None:
+        """Run the branches that leave the trunk after ``step``, the trunk checkpointed there first."""
+        due = [b for b in pending if b.fork_step == step]
+        if not due:
+            return
+        _raise_if_nonfinite(trainer.state, cfg, checkpoints)
+        if step > start_step and step % cfg.run.checkpoint_every and step != plan.total_steps:
+            save(step)  # a branch killed midway is recomputed from here
+        for branch in due:
+            summary.update({f"{branch.name}/val/loss": branches.run_branch(
+                trainer, branch, run.data.get_state(), run.run_dir, run.val_batches)["val/loss"]})
+
     summary: dict = {}
+    fork(start_step)
     window_start = time.perf_counter()
     bar = progress_bar(cfg.run.progress, start_step, plan.total_steps)
     for step in range(start_step + 1, plan.total_steps + 1):
@@ -163,7 +183,7 @@ def _steps(trainer, run: _Run) -> dict:
             flops_per_s = steps_done * plan.train_flops_per_step / elapsed
             row = {
                 "train/loss": float(metrics["loss"]), "train/grad_norm": float(metrics["grad_norm"]),
-                "train/lr": float(trainer.schedule(step - 1)), "train/tokens_per_s": tokens_per_s,
+                "train/lr": trainer.learning_rate(step - 1), "train/tokens_per_s": tokens_per_s,
                 "train/mfu": flops_per_s / peak, "train/skipped_updates": int(trainer.state.skipped),
                 "tokens": step * plan.tokens_per_step, "flops": step * plan.train_flops_per_step,
             }
@@ -176,6 +196,7 @@ def _steps(trainer, run: _Run) -> dict:
             summary.update(evaluate(step))
         if step % cfg.run.checkpoint_every == 0 or step == plan.total_steps:
             save(step)
+        fork(step)
         reason = run.stop.signal_name or ("run.stop_at_step" if step == cfg.run.stop_at_step else None)
         if reason is not None and step < plan.total_steps:
             if step % cfg.run.checkpoint_every:

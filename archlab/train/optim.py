@@ -28,21 +28,58 @@ def cooldown_start(cfg: OptimizerConfig, total_steps: int, warmup: int) -> int:
     return max(warmup, total_steps - max(1, round(cfg.cooldown_fraction * total_steps)))
 
 
-def _cooldown(cfg: OptimizerConfig, steps: int) -> optax.Schedule:
-    """Peak to ``final_lr_fraction`` x peak over ``steps`` updates, in ``cfg.cooldown_shape``."""
-    floor = cfg.lr * cfg.final_lr_fraction
-    if cfg.cooldown_shape == "linear":
-        return optax.linear_schedule(cfg.lr, floor, steps)
-    if cfg.cooldown_shape == "cosine":
-        return optax.cosine_decay_schedule(cfg.lr, steps, alpha=cfg.final_lr_fraction)
+COOLDOWNS = {  # g(x): the share of (peak - floor) left at cooldown progress x in [0, 1]
+    "linear": lambda x: 1.0 - x,
+    "cosine": lambda x: 0.5 * (1.0 + jnp.cos(jnp.pi * x)),
+    "1-sqrt": lambda x: 1.0 - jnp.sqrt(x),
+}
+# Where a trunk's "cooldown" starts: never (a trunk runs at the peak; its branches cool down).
+TRUNK_POINTS = (2**30, 2**30 + 1)
 
-    def one_minus_sqrt(count):
-        # clipped like optax's schedules: the floor holds after the cooldown, and join_schedules
-        # also evaluates this piece at negative counts (and discards the result)
-        progress = jnp.clip(count / steps, 0.0, 1.0)
-        return floor + (cfg.lr - floor) * (1.0 - jnp.sqrt(progress))
 
-    return one_minus_sqrt
+def wsd_rate(cfg: OptimizerConfig, warmup: int):
+    """``rate(count, points)``: the wsd learning rate with the cooldown's ``(start, end)`` counts
+    as (traced) values, so one compiled step serves a run, its trunk and every branch."""
+    peak, floor, g = cfg.lr, cfg.lr * cfg.final_lr_fraction, COOLDOWNS[cfg.cooldown_shape]
+
+    def rate(count, points):
+        c = jnp.asarray(count, jnp.float32)
+        start, end = (jnp.asarray(p, jnp.float32) for p in points)
+        progress = jnp.clip((c - start) / jnp.maximum(end - start, 1.0), 0.0, 1.0)
+        lr = jnp.where(c < start, peak, floor + (peak - floor) * g(progress))
+        if warmup:
+            # Warmup starts at lr/warmup rather than 0 so the first update is not wasted.
+            lr = jnp.where(c < warmup, peak / warmup + (peak - peak / warmup) * c / warmup, lr)
+        return lr
+
+    return rate
+
+
+def schedule_points(cfg: OptimizerConfig, total_steps: int, tokens_per_step: int, *, trunk: bool = False):
+    """The wsd step's ``(cooldown start, end)`` update counts as an int32 array; None for other schedules."""
+    if cfg.schedule != "wsd":
+        return None
+    if trunk:
+        return jnp.asarray(TRUNK_POINTS, jnp.int32)
+    warmup = warmup_steps(cfg, total_steps, tokens_per_step)
+    return jnp.asarray((cooldown_start(cfg, total_steps, warmup), total_steps), jnp.int32)
+
+
+def scale_by_rate(rate) -> optax.GradientTransformationExtraArgs:
+    """``-rate(count, schedule_points) * updates``, the points given to ``update``; keeps optax's
+    ``ScaleByScheduleState`` (one count), so the optimizer state has adamw's structure."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, schedule_points, **extra):
+        del params, extra
+        lr = rate(state.count, schedule_points)
+        updates = jax.tree.map(lambda g: (-lr).astype(g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int, tokens_per_step: int) -> optax.Schedule:
@@ -65,9 +102,8 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int, tokens_per_st
     elif cfg.schedule == "linear":
         decay = optax.linear_schedule(cfg.lr, final, decay_steps)
     elif cfg.schedule == "wsd":
-        start = cooldown_start(cfg, total_steps, warmup)
-        cooldown = _cooldown(cfg, total_steps - start)
-        decay = optax.join_schedules([optax.constant_schedule(cfg.lr), cooldown], [start - warmup])
+        rate, points = wsd_rate(cfg, warmup), schedule_points(cfg, total_steps, tokens_per_step)
+        return lambda count: rate(count, points)
     else:
         decay = optax.constant_schedule(cfg.lr)
     if warmup == 0:
@@ -94,7 +130,15 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, tokens_per_step: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, schedule)``; a wsd ``tx`` takes ``schedule_points`` (``schedule_points()``) in ``update``."""
     schedule = learning_rate_schedule(cfg, total_steps, tokens_per_step)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    if cfg.schedule == "wsd":
+        # adamw's own pieces, with the learning rate computed from traced cooldown points.
+        rate = wsd_rate(cfg, warmup_steps(cfg, total_steps, tokens_per_step))
+        return optax.chain(
+            *chain, optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask), scale_by_rate(rate),
+        ), schedule
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     return optax.chain(*chain, adamw), schedule

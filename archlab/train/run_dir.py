@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,7 +23,7 @@ LOG_FILE = "train.log"
 WANDB_ID_FILE = "wandb_run_id"
 # What must match for a run directory to be resumed rather than refused.
 IDENTITY_KEYS = ("model", "objective", "data", "optimizer", "size_name")
-IDENTITY_RUN_KEYS = ("seed", "batch_size", "tokens", "tokens_per_param", "flops", "steps")
+IDENTITY_RUN_KEYS = ("seed", "batch_size", "tokens", "tokens_per_param", "flops", "steps", "branches")
 
 
 class RunLock:
@@ -81,24 +82,48 @@ def _first_difference(old, new, path: str = "") -> str:
     return "" if old == new else f"{path}: saved {old!r}, now {new!r}"
 
 
-def check_resumable(run_dir: Path, resolved: dict) -> None:
-    """Refuse to continue a run directory whose saved config differs in what defines the run."""
+def check_resumable(run_dir: Path, resolved: dict) -> bool:
+    """Refuse to continue a run directory whose saved config differs in what defines the run.
+
+    Returns True when the new config extends a saved trunk (``run.branches``): the same run with a
+    larger budget and more branches after the old ones, the only change a resume accepts.
+    """
     saved_path = Path(run_dir) / CONFIG_FILE
     if not saved_path.is_file():
-        return
+        return False
     saved = yaml.safe_load(saved_path.read_text())
     difference = _first_difference(identity(saved), identity(resolved))
-    if difference:
-        raise ConfigError(
-            f"run directory {run_dir} holds a different run ({difference}); choose another run.name or run.dir"
-        )
+    if not difference:
+        return False
+    if _extends_trunk(saved, resolved):
+        return True
+    raise ConfigError(
+        f"run directory {run_dir} holds a different run ({difference}); choose another run.name or run.dir"
+    )
+
+
+def _extends_trunk(saved: dict, new: dict) -> bool:
+    """Whether ``new`` is ``saved``'s trunk continued: a budget at least as large, its branches a prefix."""
+    old_run, new_run = saved.get("run") or {}, new.get("run") or {}
+    old_branches, new_branches = list(old_run.get("branches") or []), list(new_run.get("branches") or [])
+    key = "flops" if old_run.get("flops") is not None else "tokens"
+    if not old_branches or old_run.get(key) is None or new_run.get(key) is None:
+        return False
+    if new_run[key] < old_run[key] or new_branches[:len(old_branches)] != old_branches:
+        return False
+    same = {**new, "run": {**new_run, key: old_run[key], "branches": old_branches}}
+    return not _first_difference(identity(saved), identity(same))
 
 
 def write_once(run_dir: Path, resolved: dict, tokenizer) -> None:
-    """Write the resolved config and the tokenizer beside the checkpoints, never overwriting."""
+    """Write the resolved config and the tokenizer beside the checkpoints, never overwriting.
+
+    An extended trunk's config replaces the old one, which is kept as ``config.<time>.yaml``.
+    """
     run_dir = Path(run_dir)
-    check_resumable(run_dir, resolved)
     config_path = run_dir / CONFIG_FILE
+    if check_resumable(run_dir, resolved):
+        config_path.rename(config_path.with_name(f"config.{time.time_ns()}.yaml"))
     if not config_path.exists():
         tmp = config_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))

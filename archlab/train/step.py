@@ -38,7 +38,9 @@ def make_train_step(
     inject_nan_at_step: int | None = None,
     inject_nan_into: str = "loss",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """One update. With ``grad_accum_steps > 1`` every batch array has a leading micro-batch axis.
+    """One update, ``train_step(state, batch, schedule_points=None)``. With ``grad_accum_steps > 1``
+    every batch array has a leading micro-batch axis; ``schedule_points`` (a wsd optimizer's cooldown
+    start and end, ``optim.schedule_points``) are traced, so a trunk and its branches share one program.
 
     ``inject_nan_at_step`` (1-based, as logged) is a debugging knob: that step's loss (and so its
     gradients) or only its gradients are multiplied by NaN. It is compared with the traced
@@ -69,7 +71,7 @@ def make_train_step(
         return (loss * scale, sums), jax.tree.map(lambda g: g * scale, grads)
 
     @partial(jax.jit, donate_argnums=(0,))
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, schedule_points=None):
         poison = None
         if inject_nan_at_step is not None:
             poison = jnp.where(state.step + 1 == inject_nan_at_step, jnp.nan, 1.0).astype(jnp.float32)
@@ -79,7 +81,8 @@ def make_train_step(
         grad_norm = optax.global_norm(grads)
         loss_finite = jnp.isfinite(loss)
         finite = loss_finite & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        extra = {} if schedule_points is None else {"schedule_points": schedule_points}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         if skip_nonfinite:
             # Keep the old parameters and moments: a skipped update leaves no trace.

@@ -32,6 +32,7 @@ from archlab.accounting import (  # noqa: E402
 )
 from archlab.config import ModelConfig, preset  # noqa: E402
 from archlab.nn.models import build_model  # noqa: E402
+from archlab.bench.harness import repeated_seconds  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -44,19 +45,6 @@ OUTPUT_TOKENS = 64
 def abstract(cfg: ModelConfig):
     """The model without allocating its parameters (``init_caches`` reads only the config)."""
     return nnx.eval_shape(lambda: build_model(cfg))
-
-
-def wall_seconds(fn, repeats: int) -> list[float]:
-    """Wall times of ``repeats`` calls of ``fn()`` (which must block), after one untimed call
-    (compilation). The machine is shared, so callers report the minimum (the least disturbed
-    run) next to the median."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def timed_steps(step, caches, args_at, n: int) -> tuple[list[float], object]:
@@ -248,7 +236,7 @@ def part_long_input(repeats: int) -> list[dict]:
                 return net.logits(hidden_11D), caches
 
             step = jax.jit(step_fn, donate_argnums=(1,))
-            prefill_times = wall_seconds(lambda: jax.block_until_ready(prefill(state, tokens_1S)), repeats)
+            prefill_times = repeated_seconds(lambda: jax.block_until_ready(prefill(state, tokens_1S)), repeats)
             out = prefill(state, tokens_1S)
             caches, encoded = (out[1], None) if decoder_only else (make_caches(state), out)
             first = input_len if decoder_only else 0

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from collections import Counter
 
 import jax
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from archlab.bench import peers as benchmark_peers
-from archlab.bench.harness import PEER_SHAPE, BenchShape, time_interleaved
+from archlab.bench.harness import PEER_SHAPE, BenchShape, repeated_seconds, time_interleaved
 from archlab.bench.products import DotKey, collect_dots, dot_flops, einsum_spec
 
 def time_dot(key: DotKey, repeats: int) -> float:
@@ -41,19 +40,7 @@ def time_dot(key: DotKey, repeats: int) -> float:
     lhs = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
     rhs = jnp.asarray(rng.standard_normal(rhs_shape), dtype)
     product = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=preferred))
-    return _fastest(lambda: product(lhs, rhs).block_until_ready(), repeats)
-
-
-def _fastest(run, repeats: int, warmup: int = 5) -> float:
-    """The shortest of ``repeats`` timed calls of ``run`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return min(seconds)
+    return min(repeated_seconds(lambda: product(lhs, rhs).block_until_ready(), repeats, warmup=5))
 
 
 def time_dot_torch(key: DotKey, repeats: int) -> float:
@@ -68,7 +55,7 @@ def time_dot_torch(key: DotKey, repeats: int) -> float:
     lhs = torch.randn([n for n in lhs_shape if n != 1])
     rhs = torch.randn([n for n in rhs_shape if n != 1])
     spec = "{},{}->{}".format(*("".join(x for x in part if x not in unit) for part in (lhs_spec, rhs_spec, out_spec)))
-    return _fastest(lambda: torch.einsum(spec, lhs, rhs), repeats)
+    return min(repeated_seconds(lambda: torch.einsum(spec, lhs, rhs), repeats, warmup=5))
 
 
 def product_rows(counts: Counter, repeats: int, with_torch: bool) -> list[dict]:
