@@ -56,7 +56,7 @@ def test_script_parameter_counts_equal_the_real_trees(capsys):
         assert panel in printed
     # What generation holds for an encoder-decoder: its own cache of 8 output tokens plus every
     # decoder layer's cross-attention keys and values of the 128-token input, as allocated.
-    enc_dec = configs["encoder_decoder"][0]
+    enc_dec = configs["encoder_decoder"][0].replace(kv_cache_dtype="bfloat16")  # main()'s --kv-cache-dtype
     model = build_model(enc_dec)
     encoded = jax.ShapeDtypeStruct((1, 128, enc_dec.d_model), jnp.float32)
     cross = jax.eval_shape(model.cross_kv, encoded)

@@ -110,6 +110,16 @@ def is_done(branch: Branch, run_dir: Path) -> bool:
     return (branch.directory(run_dir) / "summary.json").is_file()
 
 
+def check_reachable(branches: list[Branch], run_dir: Path, trunk_step: int) -> None:
+    """Refuse a branch the trunk, at ``trunk_step``, has already passed without running it."""
+    for branch in branches:
+        if branch.fork_step < trunk_step and not is_done(branch, run_dir):
+            raise ConfigError(
+                f"run.branches: {branch.name} forks after update {branch.fork_step}, but the trunk resumes at step "
+                f"{trunk_step}; a trunk is extended only by branches that fork after its end"
+            )
+
+
 def run_branch(trainer, branch: Branch, data_state: dict, run_dir: Path, val_batches: list[dict]) -> dict:
     """Cool a copy of the trunk (at ``branch.fork_step``) down to the branch's budget; write its record."""
     import jax

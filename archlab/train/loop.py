@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from archlab.accounting import device_peak_flops
-from archlab.errors import ArchlabError, ConfigError
+from archlab.errors import ArchlabError
 from archlab.schema import TrainConfig
 from archlab.train import branches, run_dir as run_files
-from archlab.train.checkpoint import Checkpointer
+from archlab.train.checkpoint import Checkpointer, committed_steps
 from archlab.train.metrics import progress_bar
 from archlab.train.state import TrainState, to_checkpoint
 from archlab.train.step import NONFINITE_KINDS
@@ -69,6 +69,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     recorded = config_dict(cfg)
     run_files.check_resumable(run_dir, recorded)  # refused before any data is read
     trainer = Trainer(cfg, tokenizer_file=run_files.saved_tokenizer(run_dir))
+    # Before anything is written: an extended trunk's new branches must fork after its newest step.
+    branches.check_reachable(trainer.branches, run_dir, max(committed_steps(run_dir / "checkpoints"), default=0))
     val_batches = trainer.validation_batches()
     with run_files.RunLock(run_dir), run_files.log_to_file(run_dir):
         run_files.write_once(run_dir, recorded, trainer.corpus.tokenizer)
@@ -93,12 +95,7 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
         meta = dict(restored.meta)
         log.info("resumed from step %d in %s", restored.step, run_dir)
     start_step = int(trainer.state.step)
-    for branch in trainer.branches:
-        if branch.fork_step < start_step and not branches.is_done(branch, run_dir):
-            raise ConfigError(
-                f"run.branches: {branch.name} forks after update {branch.fork_step}, but the trunk resumes at step "
-                f"{start_step}; a trunk is extended only by branches that fork after its end"
-            )
+    branches.check_reachable(trainer.branches, run_dir, start_step)  # a fallback to an older step passes
 
     derived = {**plan.derived(), "unigram_entropy_nats": corpus.unigram_entropy_nats,
                "bytes_per_token_validation": corpus.bytes_per_token_validation}
