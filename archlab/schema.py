@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from archlab.config import (
     AT_LEAST_ONE, BETA, FAMILIES, FRACTION, NON_NEGATIVE, POSITIVE, Interval, ModelConfig, _help, check_fields,
@@ -25,6 +26,21 @@ LOGGER_BACKENDS = ("wandb", "none")
 DATA_SOURCES = ("shakespeare", "files", "hf")  # archlab.data.sources.SOURCES (kept light to import)
 WANDB_MODES = ("offline", "online", "disabled")
 SEEDS = Interval(0, 2**32)  # the data pipeline's shuffle takes a 32-bit seed
+
+
+def check_plain_name(key: str, value: str) -> None:
+    """Refuse a name that is not one directory name: it becomes a folder under runs/ and must stay there."""
+    if value in ("", ".", "..") or "/" in value or "\\" in value or not value.isprintable():
+        raise ConfigError(
+            f"{key} must be a plain name (printable, no path separators, not empty, '.' or '..'), got {value!r}"
+        )
+
+
+def _plain_name(key: str, *, _root_: Any) -> str:
+    """``${archlab.plain_name:run.name}``: the value at ``key``, checked before Hydra makes a directory of it."""
+    value = str(OmegaConf.select(_root_, key))
+    check_plain_name(key, value)
+    return value
 
 
 @dataclass
@@ -108,6 +124,7 @@ class RunConfig:
             raise ConfigError(f"run.on_nonfinite={self.on_nonfinite!r} is not one of stop, skip")
         if self.inject_nan_into not in NAN_TARGETS:
             raise ConfigError(f"run.inject_nan_into={self.inject_nan_into!r} is not one of loss, gradients")
+        check_plain_name("run.name", self.name)
         check_fields(
             "run", self, seed=SEEDS, batch_size=AT_LEAST_ONE, tokens=POSITIVE, tokens_per_param=POSITIVE,
             flops=POSITIVE, steps=POSITIVE, eval_every=AT_LEAST_ONE, eval_batches=AT_LEAST_ONE,
@@ -148,6 +165,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from archlab.objectives.registry import check_compatible
 
+        check_plain_name("experiment", self.experiment)
         check_compatible(self.model.family, self.objective.name)
         if self.objective.name != "span_corruption" and self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
@@ -179,6 +197,9 @@ class EvalConfig:
 
 
 def register_configs() -> None:
+    """The schemas, and the resolver conf/train.yaml names its run directories with (idempotent)."""
+    if not OmegaConf.has_resolver("archlab.plain_name"):
+        OmegaConf.register_new_resolver("archlab.plain_name", _plain_name)
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
