@@ -76,11 +76,11 @@ def _report_in_one_line(func, *args, **kwargs):
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         cause = error
-        while cause.__cause__ is not None and not isinstance(cause, ArchlabError):
-            cause = cause.__cause__
-        if not isinstance(cause, ArchlabError):
+        while cause is not None and not isinstance(cause, ArchlabError):
+            cause = cause.__cause__ or cause.__context__  # OmegaConf chains a resolver's error as context
+        if cause is None:
             logging.getLogger("archlab").debug("error", exc_info=error)
-        _fail(app, one_line(cause if isinstance(cause, ArchlabError) else error))
+        _fail(app, one_line(cause or error))
 
 
 def typed(cfg: DictConfig, schema):

@@ -8,6 +8,7 @@ FLOP counts) are computed from it, never typed twice.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,6 +29,52 @@ REMAT_POLICIES = ("auto", "none", "full", "dots", "dots_no_batch")
 
 def _help(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The numbers a field accepts; ``str`` gives the phrase its refusal uses."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            if self.low_open:
+                return "positive" if self.low == 0 else f"greater than {self.low}"
+            return f"at least {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Interval(0, low_open=True)
+NON_NEGATIVE = Interval(0)
+AT_LEAST_ONE = Interval(1)
+FRACTION = Interval(0, 1, high_open=False)
+BETA = Interval(0, 1)  # Adam's betas: 1 would never forget, above 1 the moments blow up
+
+
+def check_fields(section: str, config: Any, **allowed: Interval) -> None:
+    """Refuse a non-finite float or a number outside its interval, naming ``section.field``.
+
+    None passes: an optional field left unset. Every float field is listed by its schema,
+    so NaN and infinity never reach a run.
+    """
+    for name, interval in allowed.items():
+        value = getattr(config, name)
+        key = f"{section}.{name}" if section else name
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be finite, got {value}")
+        if value not in interval:
+            raise ConfigError(f"{key} must be {interval}, got {value}")
 
 
 @dataclass
@@ -167,24 +214,44 @@ def validate_model_config(cfg: ModelConfig) -> None:
     _one_of("kv_cache_dtype", cfg.kv_cache_dtype, KV_CACHE_DTYPES)
     _one_of("pooling", cfg.pooling, POOLINGS)
     _one_of("remat", cfg.remat, REMAT_POLICIES)
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "logits_pad_multiple",
-                 "causal_blocks"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"model.{name} must be positive, got {getattr(cfg, name)}")
+    check_fields(
+        "model", cfg, vocab_size=POSITIVE, d_model=POSITIVE, n_layers=POSITIVE, n_decoder_layers=POSITIVE,
+        n_heads=POSITIVE, n_kv_heads=POSITIVE, head_dim=POSITIVE, d_ff=POSITIVE, max_seq_len=POSITIVE,
+        rope_theta=POSITIVE, relative_buckets=POSITIVE, relative_max_distance=POSITIVE, norm_eps=POSITIVE,
+        type_vocab_size=NON_NEGATIVE, logits_pad_multiple=POSITIVE, init_std=POSITIVE, causal_blocks=POSITIVE,
+    )
     if cfg.head_chunk < -1:
         raise ConfigError(f"model.head_chunk must be >= 0 (0 = no chunking) or -1 (auto), got {cfg.head_chunk}")
     if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
         raise ConfigError(f"d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
-    if cfg.kv_heads < 1 or cfg.n_heads % cfg.kv_heads:
+    if cfg.n_heads % cfg.kv_heads:
         raise ConfigError(f"n_heads {cfg.n_heads} is not divisible by n_kv_heads {cfg.kv_heads}")
     if cfg.position == "rope" and cfg.dim_per_head % 2:
         raise ConfigError(f"RoPE needs an even head_dim, got {cfg.dim_per_head}")
+    if cfg.position == "relative":
+        _check_relative_buckets(cfg)
     if cfg.n_decoder_layers is not None and cfg.family != "encoder_decoder":
         raise ConfigError(f"model.n_decoder_layers applies to encoder_decoder only, not {cfg.family}")
-    if cfg.decoder_layers < 1:
-        raise ConfigError(f"model.n_decoder_layers must be positive, got {cfg.decoder_layers}")
     if cfg.family == "encoder_decoder" and cfg.type_vocab_size:
         raise ConfigError("token-type embeddings (type_vocab_size) are for encoder_only models")
+
+
+def _check_relative_buckets(cfg: ModelConfig) -> None:
+    """T5's bucketing (nn/layers.py) halves the buckets per direction for bidirectional attention,
+    keeps half of those for exact distances and spaces the rest logarithmically up to
+    relative_max_distance: with no exact bucket, or a max distance inside the exact range, it
+    divides by log(1) = 0 or indexes negative buckets."""
+    bidirectional = cfg.family != "decoder_only"  # encoders; decoders attend causally
+    causal = cfg.family != "encoder_only"
+    least = 4 if bidirectional else 2
+    if cfg.relative_buckets < least:
+        attention = "bidirectional" if bidirectional else "causal"
+        raise ConfigError(f"model.relative_buckets must be at least {least} for {attention} attention, "
+                          f"got {cfg.relative_buckets}")
+    exact = cfg.relative_buckets // 2 if causal else cfg.relative_buckets // 4
+    if cfg.relative_max_distance <= exact:
+        raise ConfigError(f"model.relative_max_distance must exceed the {exact} distances bucketed exactly "
+                          f"(relative_buckets={cfg.relative_buckets}), got {cfg.relative_max_distance}")
 
 
 # Presets are pure configuration: the reference architectures come out of the same code.

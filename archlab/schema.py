@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
-from archlab.config import ModelConfig, _help
+from archlab.config import (
+    AT_LEAST_ONE, BETA, FAMILIES, FRACTION, NON_NEGATIVE, POSITIVE, Interval, ModelConfig, _help, check_fields,
+)
 from archlab.errors import ConfigError
 
 OBJECTIVES = ("clm", "mlm", "span_corruption", "prefix_lm")
@@ -23,6 +26,22 @@ NAN_TARGETS = ("loss", "gradients")
 LOGGER_BACKENDS = ("wandb", "none")
 DATA_SOURCES = ("shakespeare", "files", "hf")  # archlab.data.sources.SOURCES (kept light to import)
 WANDB_MODES = ("offline", "online", "disabled")
+SEEDS = Interval(0, 2**32)  # the data pipeline's shuffle takes a 32-bit seed
+
+
+def check_plain_name(key: str, value: str) -> None:
+    """Refuse a name that is not one directory name: it becomes a folder under runs/ and must stay there."""
+    if value in ("", ".", "..") or "/" in value or "\\" in value or not value.isprintable():
+        raise ConfigError(
+            f"{key} must be a plain name (printable, no path separators, not empty, '.' or '..'), got {value!r}"
+        )
+
+
+def _plain_name(key: str, *, _root_: Any) -> str:
+    """``${archlab.plain_name:run.name}``: the value at ``key``, checked before Hydra makes a directory of it."""
+    value = str(OmegaConf.select(_root_, key))
+    check_plain_name(key, value)
+    return value
 
 
 @dataclass
@@ -47,8 +66,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"unknown data source {self.source!r}; choose one of {', '.join(DATA_SOURCES)}")
-        if self.seq_len < 2:
-            raise ConfigError(f"data.seq_len must be at least 2, got {self.seq_len}")
+        check_fields("data", self, vocab_size=POSITIVE, seq_len=Interval(2))
 
 
 @dataclass
@@ -72,18 +90,16 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optimizer.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"optimizer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not 0 < self.cooldown_fraction <= 1:
-            raise ConfigError(f"optimizer.cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
         if self.cooldown_shape not in COOLDOWN_SHAPES:
             raise ConfigError(
                 f"optimizer.cooldown_shape={self.cooldown_shape!r} is not one of {', '.join(COOLDOWN_SHAPES)}"
             )
-        if self.grad_accum_steps < 1:
-            raise ConfigError(f"optimizer.grad_accum_steps must be at least 1, got {self.grad_accum_steps}")
+        check_fields(
+            "optimizer", self, lr=POSITIVE, b1=BETA, b2=BETA, eps=POSITIVE, weight_decay=NON_NEGATIVE,
+            warmup_fraction=Interval(0, 1), warmup_tokens=NON_NEGATIVE, final_lr_fraction=FRACTION,
+            cooldown_fraction=Interval(0, 1, low_open=True, high_open=False),
+            grad_clip=NON_NEGATIVE, grad_accum_steps=AT_LEAST_ONE,
+        )
 
 
 @dataclass
@@ -123,15 +139,13 @@ class RunConfig:
             raise ConfigError(f"run.on_nonfinite={self.on_nonfinite!r} is not one of stop, skip")
         if self.inject_nan_into not in NAN_TARGETS:
             raise ConfigError(f"run.inject_nan_into={self.inject_nan_into!r} is not one of loss, gradients")
-        if self.inject_nan_at_step is not None and self.inject_nan_at_step < 1:
-            raise ConfigError(f"run.inject_nan_at_step must be at least 1, got {self.inject_nan_at_step}")
-        for name in ("batch_size", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"run.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("tokens", "tokens_per_param", "flops", "steps"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"run.{name} must be positive, got {value}")
+        check_plain_name("run.name", self.name)
+        check_fields(
+            "run", self, seed=SEEDS, batch_size=AT_LEAST_ONE, tokens=POSITIVE, tokens_per_param=POSITIVE,
+            flops=POSITIVE, steps=POSITIVE, eval_every=AT_LEAST_ONE, eval_batches=AT_LEAST_ONE,
+            checkpoint_every=AT_LEAST_ONE, keep_checkpoints=AT_LEAST_ONE, log_every=AT_LEAST_ONE,
+            stop_at_step=AT_LEAST_ONE, inject_nan_at_step=AT_LEAST_ONE, samples=NON_NEGATIVE,
+        )
 
 
 @dataclass
@@ -152,9 +166,11 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
+    # data is validated before model: model.vocab_size and max_seq_len interpolate data's,
+    # so a bad data value is refused under its own key.
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -164,6 +180,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from archlab.objectives.registry import check_compatible
 
+        check_plain_name("experiment", self.experiment)
         check_compatible(self.model.family, self.objective.name)
         if self.objective.name != "span_corruption" and self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
@@ -185,6 +202,14 @@ class EvalConfig:
     data: Optional[DataConfig] = _help(None, "evaluate on this data instead of the run's validation split")
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
+    def __post_init__(self) -> None:
+        check_fields(
+            "", self, step=NON_NEGATIVE, batches=AT_LEAST_ONE, batch_size=AT_LEAST_ONE, samples=NON_NEGATIVE,
+            max_new_tokens=AT_LEAST_ONE,
+        )
+        if self.expect_family is not None and self.expect_family not in FAMILIES:
+            raise ConfigError(f"expect_family={self.expect_family!r} is not one of {', '.join(FAMILIES)}")
+
 
 # What a size= preset sets; a reference architecture's model= option keeps the rest of its preset.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "max_seq_len")
@@ -200,8 +225,12 @@ def reference_components(name: str) -> dict:
 
 
 def register_configs() -> None:
+    """The schemas, the reference architectures' model= options, and the resolver conf/train.yaml
+    names its run directories with (idempotent)."""
     from archlab.config import PRESETS
 
+    if not OmegaConf.has_resolver("archlab.plain_name"):
+        OmegaConf.register_new_resolver("archlab.plain_name", _plain_name)
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)

@@ -1,6 +1,6 @@
 """Every bad input gets one clear line on stderr, exit code 2, and leaves every file as it was.
 
-The cases are the catalogue in docs/errors.md (``python scripts/error_catalogue.py`` rewrites
+The cases are the catalogue in docs/errors.md (``python tests/error_catalogue.py`` rewrites
 it from these very runs, and ``test_catalogue_is_current`` keeps the two in step).
 """
 

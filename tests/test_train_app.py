@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from archlab.schema import EvalConfig, LoggerConfig
-from conftest import CONF_DIR, SHRINK
+from conftest import CONF_DIR, SHRINK, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -31,6 +31,26 @@ def test_every_experiment_preset_trains_two_steps(experiment, train_run, tmp_pat
     assert math.isfinite(summary["val/loss"])
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "tokenizer.json").is_file()
+
+
+def test_every_size_and_model_preset_passes_validation(cache_dir):
+    """Each size= preset on each model= preset (with an objective it trains) is accepted: the
+    schemas' ranges must not refuse a shape the presets ship. Options come from Hydra, so presets
+    registered in the ConfigStore count as well as conf/ files."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    compose_train([], cache_dir)  # registers the schemas and resolvers
+    objective_of = {"encoder_only": "mlm", "decoder_only": "clm", "encoder_decoder": "span_corruption"}
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        models, sizes = loader.get_group_options("model"), loader.get_group_options("size")
+        family_of = {model: compose("train", overrides=[f"model={model}"]).model.family for model in models}
+    assert models and sizes
+    for model in models:
+        for size in sizes:
+            overrides = [f"model={model}", f"objective={objective_of[family_of[model]]}", f"size={size}"]
+            compose_train(overrides, cache_dir, shrink=False)
 
 
 def test_stopped_and_resumed_run_matches_uninterrupted(train_run, tmp_path):

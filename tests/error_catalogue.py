@@ -1,6 +1,6 @@
 """Rewrite docs/errors.md by running every bad-input case through the real CLI.
 
-    python scripts/error_catalogue.py
+    python tests/error_catalogue.py
 
 The messages in the table are the ones the commands printed (temporary paths shown as <tmp>).
 """
@@ -13,14 +13,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+# Run as a script, this file's folder (tests/) is on the import path: the cases are beside it.
+from bad_input_cases import CASES, SMALL, materialise
 
-from bad_input_cases import CASES, SMALL, materialise  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 HEADER = """# Bad inputs and what archlab says
 
-Every row was produced by `python scripts/error_catalogue.py`, which runs the command
+Every row was produced by `python tests/error_catalogue.py`, which runs the command
 in a scratch directory and records the one line printed on stderr and the exit code;
 `tests/test_bad_inputs.py` runs the same cases and checks the message, the exit code, and
 that no file in the scratch directory was created, changed or deleted (a run directory's
