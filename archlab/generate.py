@@ -244,6 +244,82 @@ def _check_lengths(model: Model, prompt_len: int, max_new_tokens: int, max_len: 
 # ---- the decoding loop ------------------------------------------------------------------
 
 
+class Decoder:
+    """Generation's two compiled halves for one batch of prompts, for callers that time or drive them.
+
+    ``start()`` reads the prompts (the decoder-only prefill, or the encoder and every decoder
+    layer's cross-attention keys and values) and, for a decoder-only model, draws the first token;
+    each ``step()`` draws one more token for every row. ``generate`` is their loop. The arguments
+    are ``generate``'s; both halves are compiled once per model config and sampling settings.
+    """
+
+    def __init__(
+        self, model: Model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_tokens: int,
+        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+        eos_id: int | None = SPECIAL.eos, seed: int = 0, max_len: int | None = None,
+    ):
+        if model.cfg.family == "encoder_only":
+            raise ConfigError("encoder_only models have no decoder to generate with; use MLM scoring instead")
+        sampling = Sampling(temperature, top_k, top_p)
+        self.model, self.eos_id = model, eos_id
+        self.rows = _as_rows(prompts, model.cfg.vocab_size)
+        self.prompt_len = max(len(row) for row in self.rows)
+        self.max_new_tokens = max_new_tokens
+        self.cache_len = _check_lengths(model, self.prompt_len, max_new_tokens, max_len)
+        self.eos = np.int32(-1 if eos_id is None else eos_id)  # traced: a new EOS id does not recompile
+        graphdef, self.state = nnx.split(model)
+        self._start, self._step = _functions(model, graphdef, self.state, sampling)
+        self.rng = jax.random.key(seed)
+        self.outputs: list[tuple[Array, Array, Array]] = []  # (token_B, logprob_B, logits_BV) per token
+
+    @property
+    def steps_left(self) -> int:
+        """Decode steps still to run after ``start()`` for ``max_new_tokens`` tokens."""
+        return self.max_new_tokens - len(self.outputs)
+
+    @property
+    def done(self) -> bool:
+        """Every row has produced EOS (one host sync)."""
+        return self.eos_id is not None and bool(self.done_B.all())
+
+    def start(self) -> "Decoder":
+        rows, n = self.rows, len(self.rows)
+        if self.model.cfg.family == "decoder_only":
+            prompt_BP, segment_ids_BP = _pad(rows, left=True)
+            pad_B = (self.prompt_len - segment_ids_BP.sum(axis=1)).astype(np.int32)
+            positions_BP = np.maximum(np.arange(self.prompt_len, dtype=np.int32)[None] - pad_B[:, None], 0)
+            cache_segment_ids_BS = np.ones((n, self.cache_len), np.int32)
+            cache_segment_ids_BS[:, :self.prompt_len] = segment_ids_BP
+            self.caches, self.token_B, logprob_B, self.done_B, logits_BV, self.rng = self._start(
+                self.state, prompt_BP, positions_BP, cache_segment_ids_BS, self.rng, self.eos
+            )
+            self.outputs.append((self.token_B, logprob_B, logits_BV))
+            self.constants = (jnp.asarray(pad_B), jnp.asarray(cache_segment_ids_BS))
+            self.index = self.prompt_len
+        else:
+            encoder_BS, encoder_segment_ids_BS = _pad(rows, left=False)
+            cross_kv = self._start(self.state, encoder_BS, encoder_segment_ids_BS)
+            self.caches = self.model.init_caches(n, self.cache_len)
+            self.token_B = jnp.full((n,), SPECIAL.pad, jnp.int32)
+            self.done_B = jnp.zeros((n,), bool)
+            self.constants = (cross_kv, jnp.asarray(encoder_segment_ids_BS))
+            self.index = 0
+        return self
+
+    def step(self) -> Array:
+        """One token for every row; returns the step's raw logits ``[B, V]``."""
+        index = np.int32(self.index)  # traced by the step: no recompilation per token
+        self.caches, self.token_B, logprob_B, self.done_B, logits_BV, self.rng = self._step(
+            self.state, self.caches, self.token_B, index, self.rng, self.done_B, self.eos, *self.constants
+        )
+        self.outputs.append((self.token_B, logprob_B, logits_BV))
+        self.index += 1
+        return logits_BV
+
+    def result(self, return_logits: bool = False) -> GenerationResult:
+        return _collect(self.outputs, self.eos_id, return_logits)
+
+
 def generate(
     model: Model,
     prompts: Sequence[Sequence[int]] | np.ndarray,
@@ -264,49 +340,39 @@ def generate(
     DecoderOnly, ``max_new_tokens`` for the EncoderDecoder decoder). All randomness comes from
     ``jax.random.key(seed)``, split once per step.
     """
-    if model.cfg.family == "encoder_only":
-        raise ConfigError("encoder_only models have no decoder to generate with; use MLM scoring instead")
-    sampling = Sampling(temperature, top_k, top_p)
-    rows = _as_rows(prompts, model.cfg.vocab_size)
-    prompt_len = max(len(row) for row in rows)
-    cache_len = _check_lengths(model, prompt_len, max_new_tokens, max_len)
-    eos = np.int32(-1 if eos_id is None else eos_id)  # traced: a new EOS id does not recompile
+    decoder = Decoder(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, eos_id=eos_id, seed=seed, max_len=max_len).start()
+    while decoder.steps_left > 0 and not decoder.done:  # one host sync per token: stop at EOS
+        decoder.step()
+    return decoder.result(return_logits)
+
+
+def teacher_forced_logits(model: Model, tokens_BT: Array, prefill: int) -> Array:
+    """Logits ``[B, T, V]`` of a decoder-only model read through its KV cache: a prefill of the first
+    ``prefill`` tokens, then one given token per step (``lax.scan``), as decoding would read them.
+
+    Equal to the uncached ``model(tokens_BT)`` up to the cache's storage dtype (``model.kv_cache_dtype``).
+    """
+    if model.cfg.family != "decoder_only":
+        raise ConfigError(f"teacher-forced cached decoding reads a decoder-only model, not {model.cfg.family}")
     graphdef, state = nnx.split(model)
-    start, step = _functions(model, graphdef, state, sampling)
-    rng = jax.random.key(seed)
-    outputs: list[tuple[Array, Array, Array]] = []  # (token_B, logprob_B, logits_BV) per step
+    batch, length = tokens_BT.shape
 
-    if model.cfg.family == "decoder_only":
-        prompt_BP, segment_ids_BP = _pad(rows, left=True)
-        pad_B = (prompt_len - segment_ids_BP.sum(axis=1)).astype(np.int32)
-        positions_BP = np.maximum(np.arange(prompt_len, dtype=np.int32)[None] - pad_B[:, None], 0)
-        cache_segment_ids_BS = np.ones((len(rows), cache_len), np.int32)
-        cache_segment_ids_BS[:, :prompt_len] = segment_ids_BP
-        caches, token_B, logprob_B, done_B, logits_BV, rng = start(
-            state, prompt_BP, positions_BP, cache_segment_ids_BS, rng, eos
-        )
-        outputs.append((token_B, logprob_B, logits_BV))
-        constants = (jnp.asarray(pad_B), jnp.asarray(cache_segment_ids_BS))
-        first_index, n_steps = prompt_len, max_new_tokens - 1
-    else:
-        encoder_BS, encoder_segment_ids_BS = _pad(rows, left=False)
-        cross_kv = start(state, encoder_BS, encoder_segment_ids_BS)
-        caches = model.init_caches(len(rows), cache_len)
-        token_B = jnp.full((len(rows),), SPECIAL.pad, jnp.int32)
-        done_B = jnp.zeros((len(rows),), bool)
-        constants = (cross_kv, jnp.asarray(encoder_segment_ids_BS))
-        first_index, n_steps = 0, max_new_tokens
+    @jax.jit
+    def run(state, tokens_BT):
+        net = nnx.merge(graphdef, state)
+        hidden_BPD, caches = net.hidden(tokens_BT[:, :prefill], caches=net.init_caches(batch, length), cache_index=0)
 
-    for i in range(n_steps):
-        # One host sync per token; it lets the loop end as soon as every row has produced EOS.
-        if eos_id is not None and bool(done_B.all()):
-            break
-        index = np.int32(first_index + i)  # traced by the step: no recompilation per token
-        caches, token_B, logprob_B, done_B, logits_BV, rng = step(
-            state, caches, token_B, index, rng, done_B, eos, *constants
-        )
-        outputs.append((token_B, logprob_B, logits_BV))
-    return _collect(outputs, eos_id, return_logits)
+        def step(caches, index):
+            token_B1 = jax.lax.dynamic_slice_in_dim(tokens_BT, index, 1, axis=1)
+            hidden_B1D, caches = net.hidden(token_B1, positions_BT=jnp.full((batch, 1), index), caches=caches,
+                                            cache_index=index)
+            return caches, net.logits(hidden_B1D)[:, 0]
+
+        _, logits_NBV = jax.lax.scan(step, caches, jnp.arange(prefill, length))
+        return jnp.concatenate([net.logits(hidden_BPD), logits_NBV.transpose(1, 0, 2)], axis=1)
+
+    return run(state, tokens_BT)
 
 
 def _collect(outputs: list[tuple[Array, Array, Array]], eos_id: int | None, return_logits: bool) -> GenerationResult:

@@ -120,6 +120,9 @@ class RunConfig:
         "cooldown branch, each equal to a separate optimizer.schedule=wsd run to that budget; written to "
         "branches/<budget>/ (experiments/scaling_laws/)")})
     branch_checkpoints: bool = _help(False, "save each branch's cooled-down final checkpoint in its directory")
+    members: List[Dict[str, Any]] = field(default_factory=list, metadata={"help": (
+        "train these runs at once in this process (vmap): each a dict of seed and/or lr overriding this run's, "
+        "written as its own run under members/<name>/; needs optimizer.schedule=wsd")})
     eval_every: int = _help(200, "validation every N steps (and at the end)")
     eval_batches: int = _help(8, "validation batches per evaluation")
     checkpoint_every: int = _help(200, "checkpoint every N steps (and at the end)")

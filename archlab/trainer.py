@@ -92,17 +92,23 @@ def check_config(cfg: TrainConfig) -> None:
     make_plan(cfg, cfg.data.vocab_size)
     objective_transform(cfg, cfg.data.vocab_size)
     plan_branches(cfg, cfg.data.vocab_size)
+    from archlab.train.members import member_configs
+
+    member_configs(cfg)
 
 
 class Trainer:
     """Everything a run is built from: config, corpus, plan, model, optimizer, state, steps, mesh.
 
     ``tokenizer_file`` (a run's saved tokenizer) fixes the tokenizer; the corpus is then packed
-    only when first used (scoring a checkpoint needs the model, not the corpus). With
-    ``abstract=True`` the state holds shapes only: the target of a restore, no parameters drawn.
+    only when first used (scoring a checkpoint needs the model, not the corpus); ``corpus`` shares
+    one already packed (packed members of one shape). With ``abstract=True`` the state holds shapes
+    only: the target of a restore, no parameters drawn.
     """
 
-    def __init__(self, cfg: TrainConfig, *, tokenizer_file: str | Path | None = None, abstract: bool = False):
+    def __init__(
+        self, cfg: TrainConfig, *, tokenizer_file: str | Path | None = None, abstract: bool = False, corpus=None,
+    ):
         import jax
         from flax import nnx
 
@@ -116,6 +122,8 @@ class Trainer:
         self.cfg = cfg = resolved(cfg)
         check_config(cfg)
         self.tokenizer_file = tokenizer_file
+        if corpus is not None:
+            self.__dict__["corpus"] = corpus  # what the cached property would hold
         self.tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file else self.corpus.tokenizer
         self.plan = make_plan(cfg, self.tokenizer.vocab_size)
         self.transform = objective_transform(cfg, self.tokenizer.vocab_size)
@@ -204,8 +212,9 @@ class Trainer:
             totals.add(jax.device_get(self.eval_step(params, self.mesh.shard_batch(batch))))
         return eval_metrics(totals, self.corpus.bytes_per_token_validation, prefix=prefix)
 
-    def learning_rate(self, count: int, points: tuple[int, int] | None = None) -> float:
-        """The rate of update ``count`` (0-based): the run's schedule, or wsd with cooldown ``points``."""
+    def learning_rate(self, count: int, points: tuple[float, float, float] | None = None) -> float:
+        """The rate of update ``count`` (0-based): the run's schedule, or wsd with ``points`` (cooldown
+        start, end, peak; default: the run's own)."""
         if self.schedule_points is None:
             return float(self.schedule(count))
         from archlab.train.optim import warmup_steps, wsd_rate

@@ -31,7 +31,9 @@ import statistics
 import time
 from pathlib import Path
 
-from archlab.bench.harness import PEER_SHAPE, BenchShape, emit, machine, peak_memory_mb, time_interleaved
+from archlab.bench.harness import (
+    PEER_SHAPE, BenchShape, PackShape, emit, machine, peak_memory_mb, time_interleaved,
+)
 # The layer modes archlab offers, timed beside the default (scanned layers, remat=auto:
 # dots_no_batch on the CPU) under --peer.
 PEER_VARIANTS = ["model.scan_layers=false", "model.remat=none"]
@@ -124,6 +126,42 @@ def bench_pipeline(setup: BenchShape, args, sink: list, train_tokens_per_s: floa
     emit(record, sink)
 
 
+# The scaling ladder's shapes (issue 13): vocabulary 512, context 128, 2 layers, d_ff = 4 d_model.
+LADDER = ["model=decoder_only", "objective=clm", "data.vocab_size=512", "data.seq_len=128", "run.batch_size=16",
+          "model.n_layers=2", "optimizer.schedule=wsd", "optimizer.warmup_tokens=2048", "run.tokens=1000000"]
+LADDER_WIDTHS = {16: 2, 32: 2, 48: 2, 64: 4, 128: 4}  # d_model: heads
+
+
+def bench_members(args, sink: list) -> None:
+    """Per ladder width: M members packed into one vmapped step, the same M one after another (one
+    member's step M times), and GPT-2 in PyTorch eager (nanoGPT's architecture, Hugging Face's
+    code) at the same shape and batch, interleaved."""
+    from archlab.bench import peers as benchmark_peers
+
+    m = args.members
+    members = "run.members=[" + ",".join(f"{{seed:{i}}}" for i in range(m)) + "]"
+    for width in args.widths:
+        shape = [*LADDER, f"model.d_model={width}", f"model.n_heads={LADDER_WIDTHS[width]}",
+                 f"model.d_ff={4 * width}", *args.overrides]
+        single, packed = BenchShape(shape), PackShape([*shape, members])
+        runners = {"separate": single.compile()[1], "packed": packed.compile()[1]}
+        if args.peer:
+            runners["torch"], _ = benchmark_peers.torch_step(single.plan.model, single.cfg.optimizer,
+                                                             single.trainer.schedule, single.host_batch)
+        times = time_interleaved(runners, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
+        tokens, flops = single.plan.tokens_per_step, single.plan.train_flops_per_step
+        step_s = {name: statistics.median(t["wall"]) for name, t in times.items()}
+        for name, seconds in step_s.items():
+            count = m if name == "packed" else 1  # rows of M members per packed step
+            emit({"measure": "members", "impl": name, **single.describe(), "members": count,
+                  "step_ms": 1e3 * seconds, "tokens_per_s_total": count * tokens / seconds,
+                  "tokens_per_s_per_member": tokens / seconds,
+                  "effective_gflop_s": count * flops / seconds / 1e9, "loadavg_1m": os.getloadavg()[0]}, sink)
+        # M members one after another take M single steps; packed, one step carries all M.
+        emit({"measure": "ratio", "impl": f"{m} packed / {m} separate (d_model {width})",
+              "tokens_per_s_ratio": m * step_s["separate"] / step_s["packed"], "target": 2.0}, sink)
+
+
 DEPTH_MODES = {
     "scan": ["model.scan_layers=true", "model.remat=none"],
     "unrolled": ["model.scan_layers=false", "model.remat=none"],
@@ -154,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", default=None,
                         help="also time archlab with these extra overrides (space-separated; repeatable)")
     parser.add_argument("--depth-compile", action="store_true", help="compile time of 2 vs 24 layers")
+    parser.add_argument("--members", type=int, default=0,
+                        help="packed members against separate runs at the ladder widths (with --peer: torch too)")
+    parser.add_argument("--widths", default="16,32,48,128", help="ladder d_model values for --members")
     parser.add_argument("--depth-modes", default="scan,scan-remat",
                         help="comma-separated layer modes for --depth-compile: " + ", ".join(DEPTH_MODES))
     parser.add_argument("--warmup", type=int, default=2)
@@ -183,7 +224,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     sink: list = []
     emit(machine(), sink)
-    if args.depth_compile:
+    if args.members:
+        args.widths = [int(w) for w in args.widths.split(",")]
+        bench_members(args, sink)
+    elif args.depth_compile:
         bench_depth_compile(args, sink)
     else:
         overrides = args.overrides if args.overrides or not args.peer else PEER_SHAPE

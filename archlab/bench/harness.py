@@ -69,6 +69,41 @@ class BenchShape:
         return {"lower_s": lower_s, "compile_s": compile_s, "xla_temp_mb": temp_mb}, run_one_step
 
 
+class PackShape(BenchShape):
+    """``run.members`` packed into one vmapped step (``archlab.train.members.Pack``), ready to time."""
+
+    def __init__(self, overrides: Sequence[str]):
+        import tempfile
+
+        from archlab.train.members import Pack
+        from archlab.trainer import compose
+
+        self.overrides = list(overrides)
+        cfg = compose([*QUIET, *self.overrides])
+        self.pack = Pack(cfg, Path(tempfile.mkdtemp(prefix="archlab-pack-")), None)
+        self.trainer, self.cfg, self.plan = self.pack.trainers[0], self.pack.cfgs[0], self.pack.plan
+        self.members = len(self.pack.cfgs)
+        self.batch = self.pack.device_batch([next(iterator) for iterator in self.pack.iterators])
+
+    def compile(self) -> tuple[dict, Callable[[], float]]:
+        import jax
+
+        start = time.perf_counter()
+        lowered = self.pack.train_step.lower(self.pack.state, self.batch, self.pack.points)
+        lower_s = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
+        holder = [jax.tree.map(jax.numpy.copy, self.pack.state)]
+
+        def run_one_step() -> float:
+            holder[0], metrics = compiled(holder[0], self.batch, self.pack.points)
+            jax.block_until_ready((holder[0], metrics))
+            return float(metrics["loss"].mean())
+
+        return {"lower_s": lower_s, "compile_s": compile_s}, run_one_step
+
+
 def repeated_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     """Wall seconds of ``repeats`` calls of ``run`` (which must block) after ``warmup`` untimed ones
     (compilation). On a shared machine report the minimum, the least disturbed call."""

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,9 @@ class Branch:
     fork_step: int  # the trunk step after which it forks (its cooldown's first update count)
 
     @property
-    def points(self) -> tuple[int, int]:
-        """The wsd step's ``(cooldown start, end)``: the separate run's own."""
-        return self.fork_step, self.total_steps
+    def points(self) -> tuple[float, float, float]:
+        """The wsd step's ``(cooldown start, end, peak rate)``: the separate run's own."""
+        return self.fork_step, self.total_steps, self.cfg.optimizer.lr
 
     def directory(self, run_dir: Path) -> Path:
         return Path(run_dir) / BRANCHES_DIR / self.name
@@ -125,58 +126,78 @@ def run_branch(trainer, branch: Branch, data_state: dict, run_dir: Path, val_bat
     import jax
     import jax.numpy as jnp
 
-    from archlab.train.checkpoint import Checkpointer
-    from archlab.train.setup import make_plan
-    from archlab.train.state import to_checkpoint
-    from archlab.train.tracking import METRICS_FILE, Tracker
-    from archlab.trainer import config_dict
-
-    final_dir = branch.directory(run_dir)
-    work = final_dir.with_name(f".{branch.name}.partial")
-    if work.exists():
-        shutil.rmtree(work)  # a killed attempt's leftovers: recomputed from the fork, bitwise
-    work.mkdir(parents=True)
-    _copy_trunk_rows(Path(run_dir) / METRICS_FILE, work / METRICS_FILE, branch.fork_step)
-    plan = make_plan(branch.cfg, trainer.tokenizer.vocab_size)
-    tracker = Tracker(work, backend="none", project="", group=None, name=branch.cfg.run.name, tags=[],
-                      job_type="train", config={})
+    record = BranchRecord(trainer, branch, run_dir)
     state = jax.tree.map(jnp.copy, trainer.state)  # the trunk goes on from its own buffers
     data = trainer.iterator()
     data.set_state(data_state)
-    points = jnp.asarray(branch.points, jnp.int32)
-    log_every = branch.cfg.run.log_every
+    points = jnp.asarray(branch.points, jnp.float32)
     for step in range(branch.fork_step + 1, branch.total_steps + 1):
         state, metrics = trainer.train_step(state, trainer.device_batch(next(data)), points)
-        if step % log_every == 0 or step == branch.total_steps:
-            tracker.log({"train/loss": float(metrics["loss"]), "train/grad_norm": float(metrics["grad_norm"]),
-                         "train/lr": trainer.learning_rate(step - 1, branch.points),
-                         "tokens": step * plan.tokens_per_step, "flops": step * plan.train_flops_per_step}, step)
-    if int(state.first_nonfinite_step) >= 0 and branch.cfg.run.on_nonfinite == "stop":
-        raise ConfigError(f"branch {branch.name}: non-finite loss or gradients at step {int(state.first_nonfinite_step) + 1}")
-    metrics = trainer.evaluate(val_batches, params=state.params)
-    metrics.update(_continuation(trainer, state))
-    tracker.log({**metrics, "tokens": branch.total_steps * plan.tokens_per_step,
-                 "flops": branch.total_steps * plan.train_flops_per_step}, branch.total_steps)
-    corpus = trainer.corpus
-    summary = {**plan.derived(), "unigram_entropy_nats": corpus.unigram_entropy_nats,
-               "bytes_per_token_validation": corpus.bytes_per_token_validation, **metrics,
-               "step": branch.total_steps, "skipped_updates": int(state.skipped),
-               "branch_of": str(run_dir), "fork_step": branch.fork_step}
-    tracker.summary(summary)
-    tracker.finish()
-    (work / "config.yaml").write_text(yaml.safe_dump(config_dict(branch.cfg), sort_keys=False))
-    shutil.copy(Path(run_dir) / "tokenizer.json", work / "tokenizer.json")
-    if branch.cfg.run.branch_checkpoints:
-        with Checkpointer(work / "checkpoints", async_save=False) as checkpoints:
-            checkpoints.save(branch.total_steps, to_checkpoint(state), data=data.get_state(),
-                             meta={"tokens": branch.total_steps * plan.tokens_per_step, "seed": branch.cfg.run.seed,
-                                   "branch_of": str(run_dir)})
-    if final_dir.exists():  # never overwrite a finished branch: it is set aside, not deleted
-        final_dir.rename(final_dir.with_name(f"{branch.name}.replaced-{_stamp()}"))
-    work.rename(final_dir)
-    log.info("branch %s: val/loss %.4f after %d updates (forked at %d)", branch.name, metrics["val/loss"],
-             branch.total_steps, branch.fork_step)
-    return summary
+        record.log_step(step, metrics)
+    return record.finish(state, data, trainer.evaluate(val_batches, params=state.params))
+
+
+class BranchRecord:
+    """A branch's run directory while it is written: under a temporary name until ``finish``."""
+
+    def __init__(self, trainer, branch: Branch, run_dir: Path):
+        from archlab.train.setup import make_plan
+        from archlab.train.tracking import METRICS_FILE, Tracker
+
+        self.trainer, self.branch, self.run_dir = trainer, branch, Path(run_dir)
+        self.final_dir = branch.directory(run_dir)
+        self.work = self.final_dir.with_name(f".{branch.name}.partial")
+        if self.work.exists():
+            shutil.rmtree(self.work)  # a killed attempt's leftovers: recomputed from the fork, bitwise
+        self.work.mkdir(parents=True)
+        _copy_trunk_rows(self.run_dir / METRICS_FILE, self.work / METRICS_FILE, branch.fork_step)
+        self.plan = make_plan(branch.cfg, trainer.tokenizer.vocab_size)
+        self.tracker = Tracker(self.work, backend="none", project="", group=None, name=branch.cfg.run.name, tags=[],
+                               job_type="train", config={})
+
+    def log_step(self, step: int, metrics: dict, member: int | None = None) -> None:
+        """The train row of ``step`` (of one member's slice of packed metrics when ``member`` is given)."""
+        if step % self.branch.cfg.run.log_every and step != self.branch.total_steps:
+            return
+        pick = (lambda v: v) if member is None else (lambda v: v[member])  # noqa: E731
+        self.tracker.log({"train/loss": float(pick(metrics["loss"])), "train/grad_norm": float(pick(metrics["grad_norm"])),
+                          "train/lr": self.trainer.learning_rate(step - 1, self.branch.points),
+                          "tokens": step * self.plan.tokens_per_step,
+                          "flops": step * self.plan.train_flops_per_step}, step)
+
+    def finish(self, state, data, metrics: dict[str, float]) -> dict:
+        """Evaluate and write everything, then give the directory its final name; returns the summary."""
+        from archlab.train.checkpoint import Checkpointer
+        from archlab.train.state import to_checkpoint
+        from archlab.trainer import config_dict
+
+        branch, plan, work = self.branch, self.plan, self.work
+        if int(state.first_nonfinite_step) >= 0 and branch.cfg.run.on_nonfinite == "stop":
+            raise ConfigError(f"branch {branch.name}: non-finite loss or gradients at step "
+                              f"{int(state.first_nonfinite_step) + 1}")
+        metrics = {**metrics, **_continuation(self.trainer, state)}
+        self.tracker.log({**metrics, "tokens": branch.total_steps * plan.tokens_per_step,
+                          "flops": branch.total_steps * plan.train_flops_per_step}, branch.total_steps)
+        corpus = self.trainer.corpus
+        summary = {**plan.derived(), "unigram_entropy_nats": corpus.unigram_entropy_nats,
+                   "bytes_per_token_validation": corpus.bytes_per_token_validation, **metrics,
+                   "step": branch.total_steps, "skipped_updates": int(state.skipped),
+                   "branch_of": str(self.run_dir), "fork_step": branch.fork_step}
+        self.tracker.summary(summary)
+        self.tracker.finish()
+        (work / "config.yaml").write_text(yaml.safe_dump(config_dict(branch.cfg), sort_keys=False))
+        shutil.copy(self.run_dir / "tokenizer.json", work / "tokenizer.json")
+        if branch.cfg.run.branch_checkpoints:
+            with Checkpointer(work / "checkpoints", async_save=False) as checkpoints:
+                checkpoints.save(branch.total_steps, to_checkpoint(state), data=data.get_state(),
+                                 meta={"tokens": branch.total_steps * plan.tokens_per_step,
+                                       "seed": branch.cfg.run.seed, "branch_of": str(self.run_dir)})
+        if self.final_dir.exists():  # never overwrite a finished branch: it is set aside, not deleted
+            self.final_dir.rename(self.final_dir.with_name(f"{branch.name}.replaced-{time.time_ns()}"))
+        work.rename(self.final_dir)
+        log.info("branch %s: val/loss %.4f after %d updates (forked at %d)", branch.name, metrics["val/loss"],
+                 branch.total_steps, branch.fork_step)
+        return summary
 
 
 def _continuation(trainer, state) -> dict[str, float]:
@@ -205,9 +226,3 @@ def _copy_trunk_rows(source: Path, target: Path, last_step: int) -> None:
             except ValueError:
                 continue  # a torn line of a killed run
     target.write_text("".join(f"{row}\n" for row in rows))
-
-
-def _stamp() -> str:
-    import time
-
-    return str(time.time_ns())

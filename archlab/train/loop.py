@@ -66,6 +66,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
 
     cfg = resolved(cfg)
     check_config(cfg)  # budget, lengths and objective options refused before any data is read
+    if cfg.run.members:
+        from archlab.train.members import train_members
+
+        return train_members(cfg, run_dir)
     recorded = config_dict(cfg)
     run_files.check_resumable(run_dir, recorded)  # refused before any data is read
     trainer = Trainer(cfg, tokenizer_file=run_files.saved_tokenizer(run_dir))

@@ -34,17 +34,18 @@ COOLDOWNS = {  # g(x): the share of (peak - floor) left at cooldown progress x i
     "1-sqrt": lambda x: 1.0 - jnp.sqrt(x),
 }
 # Where a trunk's "cooldown" starts: never (a trunk runs at the peak; its branches cool down).
-TRUNK_POINTS = (2**30, 2**30 + 1)
+TRUNK_COOLDOWN = (2.0**30, 2.0**30 + 1)
 
 
 def wsd_rate(cfg: OptimizerConfig, warmup: int):
-    """``rate(count, points)``: the wsd learning rate with the cooldown's ``(start, end)`` counts
-    as (traced) values, so one compiled step serves a run, its trunk and every branch."""
-    peak, floor, g = cfg.lr, cfg.lr * cfg.final_lr_fraction, COOLDOWNS[cfg.cooldown_shape]
+    """``rate(count, args)``: the wsd learning rate, ``args = (cooldown start, end, peak)`` given as
+    (traced) values, so one compiled step serves a run, its trunk, every branch and every packed member."""
+    final, g = cfg.final_lr_fraction, COOLDOWNS[cfg.cooldown_shape]
 
-    def rate(count, points):
+    def rate(count, args):
         c = jnp.asarray(count, jnp.float32)
-        start, end = (jnp.asarray(p, jnp.float32) for p in points)
+        start, end, peak = (jnp.asarray(a, jnp.float32) for a in (args[0], args[1], args[2]))
+        floor = peak * final
         progress = jnp.clip((c - start) / jnp.maximum(end - start, 1.0), 0.0, 1.0)
         lr = jnp.where(c < start, peak, floor + (peak - floor) * g(progress))
         if warmup:
@@ -56,13 +57,13 @@ def wsd_rate(cfg: OptimizerConfig, warmup: int):
 
 
 def schedule_points(cfg: OptimizerConfig, total_steps: int, tokens_per_step: int, *, trunk: bool = False):
-    """The wsd step's ``(cooldown start, end)`` update counts as an int32 array; None for other schedules."""
+    """The wsd step's ``(cooldown start, end, peak)`` as a float32 array; None for other schedules."""
     if cfg.schedule != "wsd":
         return None
     if trunk:
-        return jnp.asarray(TRUNK_POINTS, jnp.int32)
+        return jnp.asarray((*TRUNK_COOLDOWN, cfg.lr), jnp.float32)
     warmup = warmup_steps(cfg, total_steps, tokens_per_step)
-    return jnp.asarray((cooldown_start(cfg, total_steps, warmup), total_steps), jnp.int32)
+    return jnp.asarray((cooldown_start(cfg, total_steps, warmup), total_steps, cfg.lr), jnp.float32)
 
 
 def scale_by_rate(rate) -> optax.GradientTransformationExtraArgs:

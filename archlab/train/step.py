@@ -6,7 +6,6 @@ state (``nnx.merge``), so the hot path is a plain JAX function.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable
 
 import jax
@@ -37,6 +36,7 @@ def make_train_step(
     skip_nonfinite: bool,
     inject_nan_at_step: int | None = None,
     inject_nan_into: str = "loss",
+    jit: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """One update, ``train_step(state, batch, schedule_points=None)``. With ``grad_accum_steps > 1``
     every batch array has a leading micro-batch axis; ``schedule_points`` (a wsd optimizer's cooldown
@@ -45,6 +45,7 @@ def make_train_step(
     ``inject_nan_at_step`` (1-based, as logged) is a debugging knob: that step's loss (and so its
     gradients) or only its gradients are multiplied by NaN. It is compared with the traced
     ``state.step`` inside the jitted step (one program for every step); with None nothing is added.
+    ``jit=False`` returns the plain function (``train.members`` vmaps it over packed runs, then jits).
     """
     if inject_nan_into not in NAN_TARGETS:
         raise ValueError(f"inject_nan_into must be one of {NAN_TARGETS}, got {inject_nan_into!r}")
@@ -70,7 +71,6 @@ def make_train_step(
         scale = 1.0 / grad_accum_steps
         return (loss * scale, sums), jax.tree.map(lambda g: g * scale, grads)
 
-    @partial(jax.jit, donate_argnums=(0,))
     def train_step(state: TrainState, batch: Batch, schedule_points=None):
         poison = None
         if inject_nan_at_step is not None:
@@ -103,15 +103,14 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **sums}
         return new_state, metrics
 
-    return train_step
+    return jax.jit(train_step, donate_argnums=(0,)) if jit else train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
+def make_eval_step(graphdef: nnx.GraphDef, jit: bool = True) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
     """Sums (loss, weight, correct) over one batch; averaged by the caller across batches."""
 
-    @jax.jit
     def eval_step(params: nnx.State, batch: Batch):
         _, sums = loss_and_metrics(nnx.merge(graphdef, params), batch)
         return sums
 
-    return eval_step
+    return jax.jit(eval_step) if jit else eval_step

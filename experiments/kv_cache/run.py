@@ -130,28 +130,11 @@ def trained_model(run_dir: Path, steps: int):
 
 
 def cached_logits(model, cache_dtype: str, tokens_BT: jax.Array, prefill: int) -> jax.Array:
-    """Teacher-forced logits ``[B, T, V]`` read through a ``cache_dtype`` KV cache: one prefill of
-    the first ``prefill`` tokens, then one token per decode step (``lax.scan``)."""
+    """``archlab.generate.teacher_forced_logits`` of the same weights read through a ``cache_dtype`` cache."""
+    from archlab.generate import teacher_forced_logits
+
     graphdef, _ = nnx.split(abstract(model.cfg.replace(kv_cache_dtype=cache_dtype)))
-    state = nnx.state(model)
-    batch, length = tokens_BT.shape
-
-    @jax.jit
-    def run(state, tokens_BT):
-        net = nnx.merge(graphdef, state)
-        hidden_BPD, caches = net.hidden(tokens_BT[:, :prefill], caches=net.init_caches(batch, length), cache_index=0)
-        logits_BPV = net.logits(hidden_BPD)
-
-        def step(caches, index):
-            token_B1 = jax.lax.dynamic_slice_in_dim(tokens_BT, index, 1, axis=1)
-            hidden_B1D, caches = net.hidden(token_B1, positions_BT=jnp.full((batch, 1), index), caches=caches,
-                                            cache_index=index)
-            return caches, net.logits(hidden_B1D)[:, 0]
-
-        _, logits_NBV = jax.lax.scan(step, caches, jnp.arange(prefill, length))
-        return jnp.concatenate([logits_BPV, logits_NBV.transpose(1, 0, 2)], axis=1)
-
-    return run(state, tokens_BT)
+    return teacher_forced_logits(nnx.merge(graphdef, nnx.state(model)), tokens_BT, prefill)
 
 
 def part_loss(run_dir: Path, steps: int, n_rows: int, prefill: int) -> dict:
