@@ -162,6 +162,38 @@ def bench_members(args, sink: list) -> None:
               "tokens_per_s_ratio": m * step_s["separate"] / step_s["packed"], "target": 2.0}, sink)
 
 
+def bench_ladder_wall(args, sink: list) -> None:
+    """Wall seconds of a whole 6-budget ladder at one size (one process: start-up, compile, trunk and
+    its branches) against six separate cosine runs to the same budgets, each its own process, as the
+    first scaling study ran them."""
+    import subprocess
+    import sys
+    import tempfile
+
+    width = args.widths[0]
+    base = [*LADDER[:6], f"model.d_model={width}", f"model.n_heads={LADDER_WIDTHS[width]}", f"model.d_ff={4 * width}",
+            "optimizer.warmup_tokens=20480", "logger=none", "run.progress=false", "run.samples=0",
+            "run.eval_every=100000", "run.checkpoint_every=100000", *args.overrides]
+    budgets = [args.ladder_tokens * 2**k for k in range(6)]  # 2x spacing, 1.5 decades
+    work = Path(tempfile.mkdtemp(prefix="archlab-ladder-"))
+
+    def run(name: str, extra: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "from archlab.cli import train_main; train_main()", *base, *extra,
+                        f"run.dir={work / name}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+    branches = "[" + ",".join(str(b) for b in budgets) + "]"
+    ladder_s = run("ladder", ["optimizer.schedule=wsd", f"run.tokens={budgets[-1]}", f"run.branches={branches}"])
+    separate_s = [run(f"cosine-{b}", ["optimizer.schedule=cosine", f"run.tokens={b}"]) for b in budgets]
+    emit({"measure": "ladder_wall", "impl": "trunk + 6 branches", "d_model": width, "budgets_tokens": budgets,
+          "wall_s": ladder_s, "loadavg_1m": os.getloadavg()[0]}, sink)
+    emit({"measure": "ladder_wall", "impl": "6 separate cosine runs", "d_model": width, "budgets_tokens": budgets,
+          "wall_s": sum(separate_s), "per_run_s": separate_s, "loadavg_1m": os.getloadavg()[0]}, sink)
+    emit({"measure": "ratio", "impl": "ladder / separate runs (wall)", "wall_ratio": ladder_s / sum(separate_s),
+          "target": 1 / 3}, sink)
+
+
 DEPTH_MODES = {
     "scan": ["model.scan_layers=true", "model.remat=none"],
     "unrolled": ["model.scan_layers=false", "model.remat=none"],
@@ -195,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--members", type=int, default=0,
                         help="packed members against separate runs at the ladder widths (with --peer: torch too)")
     parser.add_argument("--widths", default="16,32,48,128", help="ladder d_model values for --members")
+    parser.add_argument("--ladder-wall", action="store_true",
+                        help="a 6-budget ladder (one process) against 6 separate cosine runs, at the first width")
+    parser.add_argument("--ladder-tokens", type=int, default=131072, help="--ladder-wall's smallest budget")
     parser.add_argument("--depth-modes", default="scan,scan-remat",
                         help="comma-separated layer modes for --depth-compile: " + ", ".join(DEPTH_MODES))
     parser.add_argument("--warmup", type=int, default=2)
@@ -224,8 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     sink: list = []
     emit(machine(), sink)
-    if args.members:
-        args.widths = [int(w) for w in args.widths.split(",")]
+    args.widths = [int(w) for w in args.widths.split(",")]
+    if args.ladder_wall:
+        bench_ladder_wall(args, sink)
+    elif args.members:
         bench_members(args, sink)
     elif args.depth_compile:
         bench_depth_compile(args, sink)

@@ -177,3 +177,15 @@ def test_generation_runs_end_to_end_on_an_int8_cache(family):
     assert all(len(row) == 10 for row in result.tokens) and np.isfinite(result.logits).all()
     # Greedy decoding takes the same path until the first near-tie; here it never meets one.
     assert result.tokens == runs["float32"].tokens
+
+
+def test_teacher_forced_logits_through_the_cache_equal_the_uncached_ones():
+    """archlab.generate.teacher_forced_logits (the KV-cache study's scoring path) against model(tokens)."""
+    from archlab.generate import teacher_forced_logits
+
+    model = build_model(tiny(), seed=1)
+    tokens_BT = jnp.asarray(np.random.default_rng(0).integers(6, 150, (2, 12)), jnp.int32)
+    cached = teacher_forced_logits(model, tokens_BT, prefill=4)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(model(tokens_BT)), atol=2e-5)
+    with pytest.raises(ConfigError, match="reads a decoder-only model"):
+        teacher_forced_logits(build_model(tiny(**ENC_DEC)), tokens_BT, prefill=4)

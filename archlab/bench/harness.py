@@ -51,7 +51,8 @@ class BenchShape:
         import jax
 
         start = time.perf_counter()
-        lowered = self.trainer.train_step.lower(self.trainer.state, self.batch)
+        points = self.trainer.schedule_points
+        lowered = self.trainer.train_step.lower(self.trainer.state, self.batch, points)
         lower_s = time.perf_counter() - start
         start = time.perf_counter()
         compiled = lowered.compile()
@@ -62,7 +63,7 @@ class BenchShape:
         holder = [jax.tree.map(jax.numpy.copy, self.trainer.state)]
 
         def run_one_step() -> float:
-            holder[0], metrics = compiled(holder[0], self.batch)
+            holder[0], metrics = compiled(holder[0], self.batch, points)
             jax.block_until_ready((holder[0], metrics))
             return float(metrics["loss"])
 

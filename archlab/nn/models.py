@@ -128,6 +128,7 @@ class _OneStack(LanguageModel):
     """A family with one layer stack: embeddings, (relative bias), layers, final norm, head."""
 
     BIDIRECTIONAL: bool
+    EXTRA_INPUT: tuple[str, str]  # (hidden()'s keyword, the batch key): token types, or the prefix-LM mask
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -140,12 +141,24 @@ class _OneStack(LanguageModel):
         self.final_norm = _final_norm(cfg)
         self.lm_head = LMHead(cfg, rngs=rngs)
 
+    def batch_hidden(self, batch) -> Array:
+        keyword, key = self.EXTRA_INPUT
+        return self.hidden(
+            batch["inputs"], segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
+            **{keyword: batch.get(key)},
+        )[0]
+
+    def __call__(self, tokens_BT: Array, **inputs) -> Array:
+        """Logits ``[B, T, V]`` of whole sequences (decoding goes through ``hidden``)."""
+        return self.logits(self.hidden(tokens_BT, **inputs)[0])
+
 
 class EncoderOnly(_OneStack):
     """BERT: bidirectional encoder, MLM head, first-token pooler."""
 
     FAMILY = "encoder_only"
     BIDIRECTIONAL = True
+    EXTRA_INPUT = ("token_types_BT", "token_types")
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -165,16 +178,6 @@ class EncoderOnly(_OneStack):
         ctx = BlockContext(masks.bidirectional_mask(segment_ids_BT), positions_BT, bias)
         return self._stack(self.layers, self.final_norm, tokens_BT, positions_BT, ctx, token_types_BT)
 
-    def batch_hidden(self, batch) -> Array:
-        return self.hidden(
-            batch["inputs"], segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
-            token_types_BT=batch.get("token_types"),
-        )[0]
-
-    def __call__(self, tokens_BT: Array, **inputs) -> Array:
-        """MLM logits ``[B, T, V]``."""
-        return self.logits(self.hidden(tokens_BT, **inputs)[0])
-
     def pool(self, hidden_BTD: Array, segment_ids_BT: Array | None = None) -> Array:
         """Sequence vector ``[B, D]``: the configured pooling, through BERT's tanh pooler if present."""
         segment_ids_BT = jnp.ones(hidden_BTD.shape[:2], jnp.int32) if segment_ids_BT is None else segment_ids_BT
@@ -187,6 +190,7 @@ class DecoderOnly(_OneStack):
 
     FAMILY = "decoder_only"
     BIDIRECTIONAL = False
+    EXTRA_INPUT = ("prefix_BT", "prefix_mask")
 
     def hidden(
         self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, prefix_BT=None,
@@ -217,16 +221,6 @@ class DecoderOnly(_OneStack):
         bias = None if self.relative_bias is None else self.relative_bias(positions_BT, key_positions_BS)
         ctx = BlockContext(self_mask, positions_BT, bias, causal=caches is None and prefix_BT is None)
         return self._stack(self.layers, self.final_norm, tokens_BT, positions_BT, ctx, None, caches, cache_index)
-
-    def batch_hidden(self, batch) -> Array:
-        return self.hidden(
-            batch["inputs"], segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
-            prefix_BT=batch.get("prefix_mask"),
-        )[0]
-
-    def __call__(self, tokens_BT: Array, **inputs) -> Array:
-        """Next-token logits ``[B, T, V]`` of a whole sequence (decoding goes through ``hidden``)."""
-        return self.logits(self.hidden(tokens_BT, **inputs)[0])
 
 
 class EncoderDecoder(LanguageModel):

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     train_step, params, opt_state = benchmark_peers.flax_train_step(cfg, setup.cfg.optimizer, setup.trainer.schedule)
     peer_batch = benchmark_peers.flax_batch(cfg, setup.host_batch)
     programs = {
-        "archlab": jax.make_jaxpr(setup.trainer.train_step)(setup.trainer.state, setup.batch).jaxpr,
+        "archlab": jax.make_jaxpr(setup.trainer.train_step)(
+            setup.trainer.state, setup.batch, setup.trainer.schedule_points).jaxpr,
         "hf_flax": jax.make_jaxpr(train_step)(params, opt_state, peer_batch).jaxpr,
     }
     products = {name: product_rows(collect_dots(jaxpr), args.repeats, args.torch) for name, jaxpr in programs.items()}
