@@ -217,10 +217,15 @@ class Trainer:
         start, end, peak; default: the run's own)."""
         if self.schedule_points is None:
             return float(self.schedule(count))
+        return float(self._wsd_rate(count, self.schedule_points if points is None else points))
+
+    @functools.cached_property
+    def _wsd_rate(self):
+        """The wsd rate function of this run's optimizer (built once: the loop asks at every logged step)."""
         from archlab.train.optim import warmup_steps, wsd_rate
 
-        warmup = warmup_steps(self.cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step)
-        return float(wsd_rate(self.cfg.optimizer, warmup)(count, self.schedule_points if points is None else points))
+        return wsd_rate(self.cfg.optimizer, warmup_steps(self.cfg.optimizer, self.plan.total_steps,
+                                                         self.plan.tokens_per_step))
 
     @functools.cached_property
     def branches(self):
