@@ -24,7 +24,7 @@ COOLDOWN_SHAPES = ("linear", "cosine", "1-sqrt")
 NONFINITE_POLICIES = ("stop", "skip")
 NAN_TARGETS = ("loss", "gradients")
 LOGGER_BACKENDS = ("wandb", "none")
-DATA_SOURCES = ("shakespeare", "files", "hf")  # archlab.data.sources.SOURCES (kept light to import)
+DATA_SOURCES = ("shakespeare", "files", "hf", "english")  # archlab.data.sources.SOURCES (kept light to import)
 WANDB_MODES = ("offline", "online", "disabled")
 SEEDS = Interval(0, 2**32)  # the data pipeline's shuffle takes a 32-bit seed
 
@@ -56,7 +56,7 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _help("shakespeare", "shakespeare (embedded) | files | hf")
+    source: str = _help("shakespeare", "shakespeare (embedded) | files | hf | english (pip extra [study])")
     options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "source options (globs, hub name, ...)"})
     vocab_size: int = _help(2048, "BPE vocabulary size (6 specials and 100 sentinels included)")
     seq_len: int = _help(128, "tokens per row (encoder inputs for span corruption)")
@@ -152,6 +152,37 @@ class RunConfig:
 
 
 @dataclass
+class RulesConfig:
+    """Per-size hyperparameters as data (conf/rules/*.yaml, archlab/train/rules.py)."""
+
+    name: Optional[str] = _help(None, "the rule file applied (conf/rules/<name>.yaml); null: no rule")
+    calibration: Dict[str, Any] = field(default_factory=dict, metadata={"help": (
+        "provenance: the command, results file and fit that produced the rule (recorded, not read)")})
+    lr: float = _help(3e-3, "learning rate at lr_params total parameters")
+    lr_params: float = _help(1e5, "where the lr law is anchored")
+    lr_exponent: float = _help(0.0, "lr = lr * (params / lr_params) ** lr_exponent")
+    b2: float = _help(0.95, "Adam beta2 for every size")
+    warmup_tokens_per_param: float = _help(1.0, "warmup = this x total parameters, in tokens ...")
+    max_warmup_fraction: float = _help(0.1, "... but at most this fraction of the run's smallest budget")
+    min_updates: int = _help(300, "batch: the largest power of two giving the smallest budget this many updates")
+    min_batch: int = _help(4, "batch floor (a budget too small for min_updates at it is refused)")
+    max_batch: int = _help(32, "batch ceiling")
+    applied: Dict[str, Any] = field(default_factory=dict, metadata={"help": (
+        "set by archlab: the values the rule gave and what they came from; a config holding it is taken as is")})
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            check_plain_name("rules.name", self.name)
+        check_fields(
+            "rules", self, lr=POSITIVE, lr_params=POSITIVE, lr_exponent=Interval(-2, 2), b2=BETA,
+            warmup_tokens_per_param=NON_NEGATIVE, max_warmup_fraction=Interval(0, 1, high_open=False),
+            min_updates=AT_LEAST_ONE, min_batch=AT_LEAST_ONE, max_batch=AT_LEAST_ONE,
+        )
+        if self.min_batch > self.max_batch:
+            raise ConfigError(f"rules.min_batch {self.min_batch} is above rules.max_batch {self.max_batch}")
+
+
+@dataclass
 class LoggerConfig:
     backend: str = _help("wandb", "wandb | none (metrics.jsonl is always written)")
     project: str = _help("archlab", "W&B project")
@@ -177,6 +208,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
     size_name: str = _help("custom", "name of the size preset (set by conf/size/*)")
     experiment: str = _help("default", "experiment or sweep name; the W&B group and runs/ folder")
 

@@ -47,9 +47,12 @@ def compose(overrides: Sequence[str] = (), app: str = "train") -> TrainConfig | 
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with every ``auto`` value replaced by what will run (``config.resolve_auto``)."""
+    """``cfg`` as it will run: ``auto`` values resolved (``config.resolve_auto``), the rule file's
+    hyperparameters applied (``train/rules.py``)."""
+    from archlab.train.rules import apply_rules
+
     model = resolve_auto(cfg.model)
-    return cfg if model is cfg.model else dataclasses.replace(cfg, model=model)
+    return apply_rules(cfg if model is cfg.model else dataclasses.replace(cfg, model=model))
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
