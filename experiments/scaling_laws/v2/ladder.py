@@ -1,0 +1,135 @@
+"""Study v2's runner: each stage is a list of ``archlab-train`` trunks, run one after another, resumably.
+
+    python experiments/scaling_laws/v2/ladder.py calibrate   # learning rate x 0.5/1/2/4 at 3 sizes, beta2 once
+    python experiments/scaling_laws/v2/ladder.py fit         # one trunk per size, a branch per fit budget
+    python experiments/scaling_laws/v2/ladder.py heldout     # extend the trunks around the locked prediction
+    python experiments/scaling_laws/v2/ladder.py families    # encoder-only and encoder-decoder ladders
+    python experiments/scaling_laws/v2/ladder.py STAGE --list   # print the commands only
+
+A trunk whose every branch has a summary is skipped; one cut short resumes from its checkpoint
+(rerun the same command). Runs go to ``runs/scaling_v2/<stage>/<name>``; their logs next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+sys.path.insert(0, str(HERE))  # design.py, beside this script (run as a script, not a package)
+
+import design  # noqa: E402
+
+RUNS = REPO / "runs" / "scaling_v2"
+LR_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
+CALIBRATION = {"d24": design.FIT_BUDGETS[:3], "d56": design.FIT_BUDGETS[1:4], "d96": design.FIT_BUDGETS[4:5]}
+BETA2_SIZE, BETA2_ALTERNATIVE = "d24", 0.99
+
+
+def budgets_arg(budgets) -> str:
+    return "[" + ",".join(f"{b:g}" for b in budgets) + "]"
+
+
+def trunk(name: str, size: str, budgets, extra: list[str], members: list[dict] | None = None,
+          family: str = "decoder_only") -> dict:
+    """One ``archlab-train`` job: a trunk of ``size`` with a branch at each of ``budgets``."""
+    overrides = [*design.COMMON, f"model={family}", *design.size_overrides(size), f"run.name={name}",
+                 f"run.flops={max(budgets):g}", f"run.branches={budgets_arg(budgets)}", *extra]
+    if members:
+        overrides.append("run.members=[" + ",".join("{" + ",".join(f"{k}:{v}" for k, v in m.items()) + "}"
+                                                    for m in members) + "]")
+    return {"name": name, "size": size, "budgets": list(budgets), "overrides": overrides, "members": members or []}
+
+
+def prior_lr(size: str) -> float:
+    from archlab.train.rules import apply_rules
+    from archlab.trainer import compose
+
+    job = trunk("probe", size, CALIBRATION[size], ["rules=ladder_v2_prior"])
+    return apply_rules(compose(job["overrides"])).optimizer.lr
+
+
+def calibrate_jobs() -> list[dict]:
+    jobs = []
+    for size, budgets in CALIBRATION.items():
+        lrs = [{"lr": f"{prior_lr(size) * m:.3g}"} for m in LR_MULTIPLIERS]
+        jobs.append(trunk(f"cal-{size}", size, budgets, ["rules=ladder_v2_prior"], lrs))
+    lrs = [{"lr": f"{prior_lr(BETA2_SIZE) * m:.3g}"} for m in LR_MULTIPLIERS]
+    jobs.append(trunk(f"cal-{BETA2_SIZE}-b2", BETA2_SIZE, CALIBRATION[BETA2_SIZE],
+                      ["rules=ladder_v2_prior", f"rules.b2={BETA2_ALTERNATIVE}"], lrs))
+    return jobs
+
+
+def fit_jobs() -> list[dict]:
+    jobs = []
+    for size in design.SIZES:
+        budgets = design.budgets_of(size)
+        if not budgets:
+            continue
+        seeds = [{"seed": s} for s in design.SEEDS] if size == design.SEED_SIZE else None
+        jobs.append(trunk(f"fit-{size}", size, budgets, ["rules=ladder_v2"], seeds))
+    return jobs
+
+
+STAGES = {"calibrate": calibrate_jobs, "fit": fit_jobs}
+
+
+def branch_dirs(job: dict, run_dir: Path) -> list[Path]:
+    roots = [run_dir / "members" / f"{job['name']}-lr{float(m.get('lr', 0)):g}-s{m.get('seed', 0)}"
+             for m in job["members"]] if job["members"] else [run_dir]
+    return [root / "branches" / f"C{b:g}" for root in roots for b in job["budgets"]]
+
+
+def member_roots(run_dir: Path) -> list[Path]:
+    members = run_dir / "members"
+    return sorted(p for p in members.iterdir() if p.is_dir()) if members.is_dir() else [run_dir]
+
+
+def is_finished(job: dict, run_dir: Path) -> bool:
+    roots = member_roots(run_dir)
+    expected = len(job["members"]) or 1
+    return len(roots) == expected and all(
+        (root / "branches" / f"C{b:g}" / "summary.json").is_file() for root in roots for b in job["budgets"])
+
+
+def run_stage(stage: str, jobs: list[dict], list_only: bool) -> None:
+    for job in jobs:
+        run_dir = RUNS / stage / job["name"]
+        command = [sys.executable, "-c", "from archlab.cli import train_main; train_main()",
+                   *job["overrides"], f"run.dir={run_dir}"]
+        if list_only:
+            print(" ".join(f"'{a}'" if any(c in a for c in "[]{}, ") else a for a in command[3:]))
+            continue
+        if is_finished(job, run_dir):
+            print(json.dumps({"job": job["name"], "status": "finished"}), flush=True)
+            continue
+        log = RUNS / stage / "_logs" / f"{job['name']}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with log.open("a") as out:
+            rc = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+        print(json.dumps({"job": job["name"], "rc": rc, "seconds": round(time.perf_counter() - start, 1),
+                          "finished": is_finished(job, run_dir)}), flush=True)
+        if rc != 0:
+            raise SystemExit(f"error: {job['name']} exited {rc}; see {log}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--list", action="store_true", help="print each job's overrides and exit")
+    parser.add_argument("--only", help="comma-separated job names")
+    args = parser.parse_args(argv)
+    jobs = STAGES[args.stage]()
+    if args.only:
+        jobs = [j for j in jobs if j["name"] in args.only.split(",")]
+    run_stage(args.stage, jobs, args.list)
+
+
+if __name__ == "__main__":
+    main()
