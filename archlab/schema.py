@@ -118,7 +118,7 @@ class RunConfig:
     branches: List[float] = field(default_factory=list, metadata={"help": (
         "budgets (in run.flops's unit when it is set, else run.tokens's) at which a constant-rate wsd trunk forks a "
         "cooldown branch, each equal to a separate optimizer.schedule=wsd run to that budget; written to "
-        "branches/<budget>/ (experiments/scaling_laws/)")})
+        "branches/<budget>/ (experiments/scaling_laws/v2/)")})
     branch_checkpoints: bool = _help(False, "save each branch's cooled-down final checkpoint in its directory")
     members: List[Dict[str, Any]] = field(default_factory=list, metadata={"help": (
         "train these runs at once in this process (vmap): each a dict of seed and/or lr overriding this run's, "

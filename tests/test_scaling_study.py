@@ -201,7 +201,7 @@ def test_read_run_record(prepared_run):
 
 
 def _load_analyze():
-    spec = importlib.util.spec_from_file_location("scaling_analyze", REPO / "experiments/scaling_laws/analyze.py")
+    spec = importlib.util.spec_from_file_location("scaling_analyze", REPO / "experiments/scaling_laws/v1/analyze.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -275,7 +275,7 @@ def test_sweep_runner_grid_and_learning_rate_choice(tmp_path):
     import argparse
     import json
 
-    spec = importlib.util.spec_from_file_location("run_sweep", REPO / "experiments/scaling_laws/run_sweep.py")
+    spec = importlib.util.spec_from_file_location("run_sweep", REPO / "experiments/scaling_laws/v1/run_sweep.py")
     run_sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_sweep)
 

@@ -22,7 +22,7 @@ FIT_BUDGETS: tuple[float, ...] = (2e11, 4e11, 8e11, 1.6e12, 3.2e12, 6.4e12)  # 1
 HELD_OUT_BUDGET = 2e13  # 3.1x the largest fit budget
 PRIOR_TOKENS_PER_PARAM = 20.0
 SPAN = 3.6  # sizes within N_opt / SPAN .. N_opt * SPAN of the prior optimum serve a budget
-SEED_SIZE, SEEDS = "d48", (0, 1, 2)  # the noise floor: 3 seeds of one size at every budget it serves
+SEED_SIZE, SEEDS = "d32", (0, 1, 2)  # the noise floor: 3 seeds of one size at every budget it serves (d32: 5 budgets)
 COMMON = ["data=english", "logger=none", "optimizer.schedule=wsd", "optimizer.cooldown_shape=1-sqrt",
           "run.eval_every=1000000", "run.eval_batches=16", "run.checkpoint_every=400", "run.keep_checkpoints=1",
           "run.progress=false", "run.samples=0"]

@@ -27,7 +27,7 @@ import design  # noqa: E402
 
 RUNS = REPO / "runs" / "scaling_v2"
 LR_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
-CALIBRATION = {"d24": design.FIT_BUDGETS[:3], "d56": design.FIT_BUDGETS[1:4], "d96": design.FIT_BUDGETS[4:5]}
+CALIBRATION = {"d24": design.FIT_BUDGETS[:3], "d56": design.FIT_BUDGETS[1:4], "d80": design.FIT_BUDGETS[3:4]}
 BETA2_SIZE, BETA2_ALTERNATIVE = "d24", 0.99
 
 

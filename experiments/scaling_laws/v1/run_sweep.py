@@ -1,8 +1,8 @@
 """Run a scaling sweep's runs as parallel ``archlab-train`` processes on one machine, resumably.
 
-    python experiments/scaling_laws/run_sweep.py sweep=scaling_encoder --sizes nano,micro,tiny,mini,small,small_plus \\
+    python experiments/scaling_laws/v1/run_sweep.py sweep=scaling_encoder --sizes nano,micro,tiny,mini,small,small_plus \\
         --budgets 1e11,3e11,1e12 --jobs 4 [--cores-per-job 2] [--max-epochs 4] [--lr-from runs/.../lr_choice.json]
-    python experiments/scaling_laws/run_sweep.py sweep=scaling_decoder --sizes nano,micro --budgets 3e11 \\
+    python experiments/scaling_laws/v1/run_sweep.py sweep=scaling_decoder --sizes nano,micro --budgets 3e11 \\
         --lrs 1e-3,3e-3,1e-2 --pick-lr runs/scaling_decoder_lr/lr_choice.json   # a learning-rate sweep
 
 ``archlab-train -m sweep=NAME`` runs the same grid one run after another (2 CPU cores: the
@@ -28,7 +28,7 @@ import yaml
 
 from archlab.scaling.records import run_finished
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def grid(args) -> list[list[str]]:

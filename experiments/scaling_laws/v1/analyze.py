@@ -1,10 +1,10 @@
 """Scaling-law study: results table, fits, plots, W&B log — one command.
 
-    python experiments/scaling_laws/analyze.py runs/scaling_decoder runs/scaling_seeds ...
+    python experiments/scaling_laws/v1/analyze.py runs/scaling_decoder runs/scaling_seeds ...
         reads every finished run under the given directories (config.yaml, summary.json, the
         final checkpoint for continuation bits per byte), merges them into results.csv, then
         analyses.
-    python experiments/scaling_laws/analyze.py
+    python experiments/scaling_laws/v1/analyze.py
         analyses the committed results.csv only (no run directories needed).
 
 Writes results.csv, fits.json and plots/*.png next to this file, prints every number the
