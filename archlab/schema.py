@@ -124,7 +124,10 @@ class RunConfig:
         "train these runs at once in this process (vmap): each a dict of seed and/or lr overriding this run's, "
         "written as its own run under members/<name>/; needs optimizer.schedule=wsd")})
     eval_every: int = _help(200, "validation every N steps (and at the end)")
-    eval_batches: int = _help(8, "validation batches per evaluation")
+    eval_batches: int = _help(8, "validation batches per evaluation (the split's first rows)")
+    eval_rows: Optional[int] = _help(None, (
+        "validation rows per evaluation spread evenly over the whole split, rounded up to whole batches "
+        "(the score then does not depend on run.batch_size); null: run.eval_batches batches of the first rows"))
     checkpoint_every: int = _help(200, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _help(3, "checkpoints kept (newest)")
     log_every: int = _help(10, "train metrics every N steps")
@@ -145,7 +148,7 @@ class RunConfig:
         check_plain_name("run.name", self.name)
         check_fields(
             "run", self, seed=SEEDS, batch_size=AT_LEAST_ONE, tokens=POSITIVE, tokens_per_param=POSITIVE,
-            flops=POSITIVE, steps=POSITIVE, eval_every=AT_LEAST_ONE, eval_batches=AT_LEAST_ONE,
+            flops=POSITIVE, steps=POSITIVE, eval_every=AT_LEAST_ONE, eval_batches=AT_LEAST_ONE, eval_rows=AT_LEAST_ONE,
             checkpoint_every=AT_LEAST_ONE, keep_checkpoints=AT_LEAST_ONE, log_every=AT_LEAST_ONE,
             stop_at_step=AT_LEAST_ONE, inject_nan_at_step=AT_LEAST_ONE, samples=NON_NEGATIVE,
         )

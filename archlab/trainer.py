@@ -167,7 +167,7 @@ class Trainer:
         run = self.cfg.run
         return validation_batches(
             self.corpus.validation, self.transform, batch_size=batch_size or run.batch_size,
-            n_batches=n_batches or run.eval_batches, seed=run.seed,
+            n_batches=n_batches or run.eval_batches, seed=run.seed, eval_rows=None if n_batches else run.eval_rows,
         )
 
     def device_batch(self, batch: dict) -> dict:

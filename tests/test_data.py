@@ -516,3 +516,21 @@ def test_prepare_corpus_files_with_tokenizer_file(small_tokenizer, few_plays, tm
     with pytest.raises(DataError, match="at least 2"):
         prepare_corpus("files", {"train": str(tmp_path / "*.txt")}, row_length=1, cache_dir=tmp_path / "c")
     assert not os.path.exists(tmp_path / "c")  # refused before anything was written
+
+
+def test_validation_rows_spread_over_the_split_whatever_the_batch_size(toy_rows):
+    from archlab.train.setup import validation_batches
+
+    def rows_seen(batch_size: int, eval_rows: int | None, n_batches: int = 2) -> np.ndarray:
+        batches = validation_batches(toy_rows, None, batch_size=batch_size, n_batches=n_batches, seed=0,
+                                     eval_rows=eval_rows)
+        return np.concatenate([b["tokens"] for b in batches])
+
+    first = rows_seen(4, None)
+    np.testing.assert_array_equal(first, toy_rows.tokens[:8])  # the default: the first rows, in order
+    spread = rows_seen(4, 8)
+    index = np.linspace(0, toy_rows.n_rows - 1, 8).round().astype(int)
+    np.testing.assert_array_equal(spread, toy_rows.tokens[index])  # first and last row of the split included
+    np.testing.assert_array_equal(rows_seen(2, 8), spread)  # the same rows at another batch size
+    assert rows_seen(3, 8).shape[0] == 9  # rounded up to whole batches
+    assert rows_seen(4, 10_000).shape[0] == (toy_rows.n_rows // 4) * 4  # at most the split

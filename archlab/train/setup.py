@@ -121,12 +121,29 @@ def objective_transform(cfg: TrainConfig, vocab_size: int) -> Transform:
     return make_transform(cfg.objective.name, vocab_size=vocab_size, seq_len=cfg.data.seq_len, **cfg.objective.options)
 
 
+def spread_rows(rows: PackedRows, n_rows: int) -> PackedRows:
+    """``n_rows`` rows evenly spaced over the whole split (every held-out document part represented)."""
+    index = np.unique(np.linspace(0, rows.n_rows - 1, min(n_rows, rows.n_rows)).round().astype(np.int64))
+    return replace(rows, tokens=rows.tokens[index], segment_ids=rows.segment_ids[index],
+                   positions=rows.positions[index])
+
+
 def validation_batches(
-    rows: PackedRows, transform: Transform, *, batch_size: int, n_batches: int, seed: int
+    rows: PackedRows, transform: Transform, *, batch_size: int, n_batches: int, seed: int,
+    eval_rows: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """A fixed set of validation batches (same rows, same objective noise every evaluation)."""
+    """A fixed set of validation batches (same rows, same objective noise every evaluation).
+
+    Without ``eval_rows``: the split's first ``n_batches x batch_size`` rows. With it: that many
+    rows spread evenly over the split (rounded up to whole batches, at most the split), so the
+    score does not depend on the batch size or on which document comes first.
+    """
     if rows.n_rows == 0:
         raise ConfigError("the validation split has no rows")
+    if eval_rows is not None:
+        n_batches = max(1, math.ceil(min(eval_rows, rows.n_rows) / batch_size))
+        rows = spread_rows(rows, n_batches * batch_size)
+        n_batches = max(1, rows.n_rows // batch_size)
     return [
         batch_at(rows, k, batch_size=batch_size, seed=seed, transform=transform, shuffle=False)
         for k in range(n_batches)

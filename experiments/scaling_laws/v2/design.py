@@ -24,8 +24,13 @@ PRIOR_TOKENS_PER_PARAM = 20.0
 SPAN = 3.6  # sizes within N_opt / SPAN .. N_opt * SPAN of the prior optimum serve a budget
 SEED_SIZE, SEEDS = "d32", (0, 1, 2)  # the noise floor: 3 seeds of one size at every budget it serves (d32: 5 budgets)
 COMMON = ["data=english", "logger=none", "optimizer.schedule=wsd", "optimizer.cooldown_shape=1-sqrt",
-          "run.eval_every=1000000", "run.eval_batches=16", "run.checkpoint_every=400", "run.keep_checkpoints=1",
+          "run.eval_every=1000000", "run.checkpoint_every=400", "run.keep_checkpoints=1",
           "run.progress=false", "run.samples=0"]
+# Every fit, held-out and family point is scored on the same 512 validation rows (65,536 tokens) spread
+# over the whole held-out split, whatever its batch; the calibration ran before run.eval_rows existed and
+# compares learning rates within a size only, on its batch's first 16 batches.
+EVAL = ["run.eval_rows=512"]
+CALIBRATION_EVAL = ["run.eval_batches=16"]
 
 
 def size_overrides(size: str) -> list[str]:

@@ -50,7 +50,7 @@ def prior_lr(size: str) -> float:
     from archlab.train.rules import apply_rules
     from archlab.trainer import compose
 
-    job = trunk("probe", size, CALIBRATION[size], ["rules=ladder_v2_prior"])
+    job = trunk("probe", size, CALIBRATION[size], [*design.CALIBRATION_EVAL, "rules=ladder_v2_prior"])
     return apply_rules(compose(job["overrides"])).optimizer.lr
 
 
@@ -58,10 +58,10 @@ def calibrate_jobs() -> list[dict]:
     jobs = []
     for size, budgets in CALIBRATION.items():
         lrs = [{"lr": f"{prior_lr(size) * m:.3g}"} for m in LR_MULTIPLIERS]
-        jobs.append(trunk(f"cal-{size}", size, budgets, ["rules=ladder_v2_prior"], lrs))
+        jobs.append(trunk(f"cal-{size}", size, budgets, [*design.CALIBRATION_EVAL, "rules=ladder_v2_prior"], lrs))
     lrs = [{"lr": f"{prior_lr(BETA2_SIZE) * m:.3g}"} for m in LR_MULTIPLIERS]
     jobs.append(trunk(f"cal-{BETA2_SIZE}-b2", BETA2_SIZE, CALIBRATION[BETA2_SIZE],
-                      ["rules=ladder_v2_prior", f"rules.b2={BETA2_ALTERNATIVE}"], lrs))
+                      [*design.CALIBRATION_EVAL, "rules=ladder_v2_prior", f"rules.b2={BETA2_ALTERNATIVE}"], lrs))
     return jobs
 
 
@@ -72,7 +72,7 @@ def fit_jobs() -> list[dict]:
         if not budgets:
             continue
         seeds = [{"seed": s} for s in design.SEEDS] if size == design.SEED_SIZE else None
-        jobs.append(trunk(f"fit-{size}", size, budgets, ["rules=ladder_v2"], seeds))
+        jobs.append(trunk(f"fit-{size}", size, budgets, [*design.EVAL, "rules=ladder_v2"], seeds))
     return jobs
 
 
