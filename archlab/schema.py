@@ -163,7 +163,9 @@ class RulesConfig:
         "provenance: the command, results file and fit that produced the rule (recorded, not read)")})
     lr: float = _help(3e-3, "learning rate at lr_params total parameters")
     lr_params: float = _help(1e5, "where the lr law is anchored")
-    lr_exponent: float = _help(0.0, "lr = lr * (params / lr_params) ** lr_exponent")
+    lr_exponent: float = _help(0.0, "lr = lr * (params / lr_params) ** lr_exponent * (batch / lr_batch) ** lr_batch_exponent")
+    lr_batch: int = _help(16, "the batch size the lr law is anchored at")
+    lr_batch_exponent: float = _help(0.0, "how the rate scales with the batch the rule picks (0.5: Adam's square-root rule)")
     b2: float = _help(0.95, "Adam beta2 for every size")
     warmup_tokens_per_param: float = _help(1.0, "warmup = this x total parameters, in tokens ...")
     max_warmup_fraction: float = _help(0.1, "... but at most this fraction of the run's smallest budget")
@@ -178,6 +180,7 @@ class RulesConfig:
             check_plain_name("rules.name", self.name)
         check_fields(
             "rules", self, lr=POSITIVE, lr_params=POSITIVE, lr_exponent=Interval(-2, 2), b2=BETA,
+            lr_batch=AT_LEAST_ONE, lr_batch_exponent=Interval(-2, 2),
             warmup_tokens_per_param=NON_NEGATIVE, max_warmup_fraction=Interval(0, 1, high_open=False),
             min_updates=AT_LEAST_ONE, min_batch=AT_LEAST_ONE, max_batch=AT_LEAST_ONE,
         )

@@ -41,6 +41,14 @@ def test_the_rule_gives_its_closed_form_and_records_it():
     assert recorded["name"] == "ladder_v2_prior" and recorded["applied"] == r.applied
 
 
+def test_the_batch_term_scales_the_rate_with_the_batch_the_rule_picks():
+    base = resolved(compose([*LADDER, "run.flops=8e11", "run.branches=[2e11,4e11,8e11]"]))
+    scaled = resolved(compose([*LADDER, "run.flops=8e11", "run.branches=[2e11,4e11,8e11]", "rules.lr_batch=4",
+                               "rules.lr_batch_exponent=0.5"]))
+    assert scaled.run.batch_size == base.run.batch_size
+    assert scaled.optimizer.lr == pytest.approx(base.optimizer.lr * (base.run.batch_size / 4) ** 0.5, rel=1e-12)
+
+
 def test_branches_and_members_keep_the_trunks_values():
     cfg = resolved(compose([*LADDER, "run.flops=8e11", "run.branches=[2e11,4e11,8e11]",
                             "run.members=[{lr:1e-2},{seed:1}]"]))

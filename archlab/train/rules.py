@@ -3,7 +3,9 @@
 A rule maps a run's size (total parameters N of its plan, at the configured vocabulary) and
 its smallest budget (the smallest branch, else the run's own budget, in tokens D_min) to
 
-- ``optimizer.lr = lr * (N / lr_params) ** lr_exponent`` (a power law fitted by a calibration sweep),
+- ``optimizer.lr = lr * (N / lr_params) ** lr_exponent * (batch / lr_batch) ** lr_batch_exponent``
+  (a power law fitted by a calibration sweep; the batch term lets sizes whose smallest budget forces
+  a smaller batch take a proportionally smaller rate, e.g. Adam's square-root rule, Malladi et al. 2022),
 - ``optimizer.b2 = b2``,
 - ``optimizer.warmup_tokens = min(warmup_tokens_per_param * N, max_warmup_fraction * D_min)``
   (Porian et al. 2024: a warmup of about N tokens; capped so a short budget is not all warmup),
@@ -63,7 +65,7 @@ def apply_rules(cfg: TrainConfig) -> TrainConfig:
     n_params = plan.params.total
     tokens = smallest_budget_tokens(cfg, vocab_size)
     batch = rule_batch(cfg, tokens, plan.row_length)
-    lr = r.lr * (n_params / r.lr_params) ** r.lr_exponent
+    lr = r.lr * (n_params / r.lr_params) ** r.lr_exponent * (batch / r.lr_batch) ** r.lr_batch_exponent
     warmup = int(min(r.warmup_tokens_per_param * n_params, r.max_warmup_fraction * tokens))
     applied = {"params": n_params, "smallest_budget_tokens": tokens, "lr": lr, "b2": r.b2,
                "warmup_tokens": warmup, "batch_size": batch}

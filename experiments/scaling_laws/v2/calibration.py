@@ -5,8 +5,9 @@
 
 Per (size, beta2, budget) the best learning rate is the vertex of a parabola in log lr through
 the best of the x0.5/x1/x2/x4 members and its two neighbours (the best member itself when it is
-at an edge, flagged); per size, the geometric mean over its budgets; the rule's law
-``lr = lr0 * (N / 1e5) ** k`` is the least-squares line through the sizes in log-log. beta2 is
+at an edge, flagged); moved to batch 16 by the square-root rule; per size, the geometric mean
+over its budgets; the rule's law ``lr = lr0 * (N / 1e5) ** k * (batch / 16) ** 0.5`` is the
+least-squares line through the sizes in log-log. beta2 is
 the one whose best losses are lower on average over the beta2 size's budgets. Writes
 ``calibration.csv`` (every branch), ``calibration.json`` (the fits) and ``conf/rules/ladder_v2.yaml``.
 """
@@ -36,6 +37,10 @@ RULE = REPO / "conf" / "rules" / "ladder_v2.yaml"
 COLUMNS = ("job", "size", "params_total", "budget_flops", "lr", "b2", "batch_size", "warmup_tokens",
            "total_steps", "val_loss", "val_bits_per_byte")
 LR_ANCHOR = 1e5
+# Sizes whose smallest budget forces a smaller batch take a smaller rate: best rates are moved to
+# batch BATCH_ANCHOR by Adam's square-root rule (Malladi et al. 2022) before the law in N is fitted,
+# and the rule applies the same term to the batch it picks.
+BATCH_ANCHOR, BATCH_EXPONENT = 16, 0.5
 
 
 def collect(root: Path) -> list[dict]:
@@ -87,13 +92,16 @@ def fit(rows: list[dict]) -> dict:
     per_sweep = []
     for (size, b2, budget), group in sorted(sweeps.items(), key=lambda kv: (kv[1][0]["params_total"], kv[0][1:])):
         lr, loss, interior = best_lr(np.array([g["lr"] for g in group]), np.array([g["val_loss"] for g in group]))
+        batch = int(group[0]["batch_size"])
         per_sweep.append({"size": size, "params_total": int(group[0]["params_total"]), "b2": b2, "budget": budget,
-                          "best_lr": lr, "best_loss": loss, "interior": interior, "members": len(group)})
+                          "batch_size": batch, "best_lr": lr,
+                          "best_lr_at_anchor_batch": lr * (BATCH_ANCHOR / batch) ** BATCH_EXPONENT,
+                          "best_loss": loss, "interior": interior, "members": len(group)})
     default_b2 = min(s["b2"] for s in per_sweep)
     sizes = defaultdict(list)
     for s in per_sweep:
         if s["b2"] == default_b2:
-            sizes[(s["params_total"], s["size"])].append(s["best_lr"])
+            sizes[(s["params_total"], s["size"])].append(s["best_lr_at_anchor_batch"])
     n = np.array([k[0] for k in sorted(sizes)], dtype=float)
     lr = np.array([math.exp(np.mean(np.log(sizes[k]))) for k in sorted(sizes)])
     k, log_lr0 = np.polyfit(np.log(n / LR_ANCHOR), np.log(lr), 1)
@@ -104,7 +112,8 @@ def fit(rows: list[dict]) -> dict:
     b2_mean = {b2: float(np.mean([v[b2] for v in paired])) for b2 in (paired[0] if paired else {default_b2: 0})}
     chosen_b2 = min(b2_mean, key=b2_mean.get) if paired else default_b2
     return {"per_sweep": per_sweep, "per_size_lr": {s: float(v) for (_, s), v in zip(sorted(sizes), lr)},
-            "lr_law": {"lr": float(math.exp(log_lr0)), "lr_params": LR_ANCHOR, "lr_exponent": float(k)},
+            "lr_law": {"lr": float(math.exp(log_lr0)), "lr_params": LR_ANCHOR, "lr_exponent": float(k),
+                       "lr_batch": BATCH_ANCHOR, "lr_batch_exponent": BATCH_EXPONENT},
             "b2_mean_best_loss": {str(b): v for b, v in b2_mean.items()}, "b2": float(chosen_b2)}
 
 
@@ -133,10 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     FITS.write_text(json.dumps(fits, indent=2) + "\n")
     write_rule(fits)
     for s in fits["per_sweep"]:
-        print(f"{s['size']:>4} b2={s['b2']} C={s['budget']:.3g}: best lr {s['best_lr']:.3g} "
+        print(f"{s['size']:>4} b2={s['b2']} C={s['budget']:.3g} batch {s['batch_size']}: best lr {s['best_lr']:.3g} "
               f"({'interior' if s['interior'] else 'EDGE'}) loss {s['best_loss']:.4f}")
     law = fits["lr_law"]
-    print(f"lr = {law['lr']:.3g} * (N/1e5)^{law['lr_exponent']:.3f}; beta2 {fits['b2']} "
+    print(f"lr = {law['lr']:.3g} * (N/1e5)^{law['lr_exponent']:.3f} * (batch/16)^0.5; beta2 {fits['b2']} "
           f"(mean best loss {fits['b2_mean_best_loss']})")
 
 

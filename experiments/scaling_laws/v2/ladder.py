@@ -29,6 +29,9 @@ RUNS = REPO / "runs" / "scaling_v2"
 LR_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
 CALIBRATION = {"d24": design.FIT_BUDGETS[:3], "d56": design.FIT_BUDGETS[1:4], "d80": design.FIT_BUDGETS[3:4]}
 BETA2_SIZE, BETA2_ALTERNATIVE = "d24", 0.99
+# Added after the first pass: d80's best rate was its largest (x4, 3.4066 vs 3.4084 at x2), so
+# one more member at x8 makes its minimum interior or shows it is not.
+FOLLOW_UP = {"d80": (8.0,)}
 
 
 def budgets_arg(budgets) -> str:
@@ -62,6 +65,10 @@ def calibrate_jobs() -> list[dict]:
     lrs = [{"lr": f"{prior_lr(BETA2_SIZE) * m:.3g}"} for m in LR_MULTIPLIERS]
     jobs.append(trunk(f"cal-{BETA2_SIZE}-b2", BETA2_SIZE, CALIBRATION[BETA2_SIZE],
                       [*design.CALIBRATION_EVAL, "rules=ladder_v2_prior", f"rules.b2={BETA2_ALTERNATIVE}"], lrs))
+    for size, multipliers in FOLLOW_UP.items():
+        name = f"cal-{size}-x" + "-".join(f"{m:g}" for m in multipliers)
+        lrs = [{"lr": f"{prior_lr(size) * m:.3g}"} for m in multipliers]
+        jobs.append(trunk(name, size, CALIBRATION[size], [*design.CALIBRATION_EVAL, "rules=ladder_v2_prior"], lrs))
     return jobs
 
 
