@@ -49,7 +49,9 @@ def collect(stages: list[str]) -> list[dict]:
             saved = yaml.safe_load((branch / "config.yaml").read_text())
             values = json.loads(summary.read_text())
             trunk = branch.parents[1]
-            record.update(stage=stage, trunk=trunk.name, b2=saved["optimizer"]["b2"],
+            # a fit trunk extended to the held-out budget keeps that branch in its own directory
+            own_stage = "heldout" if float(record["budget_flops"]) == design.HELD_OUT_BUDGET else stage
+            record.update(stage=own_stage, trunk=trunk.name, b2=saved["optimizer"]["b2"],
                           batch_size=saved["run"]["batch_size"], warmup_tokens=saved["optimizer"]["warmup_tokens"],
                           continuation_bpb=values.get("continuation/bits_per_byte", math.nan))
             rows.append(record)

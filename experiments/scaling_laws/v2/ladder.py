@@ -83,7 +83,45 @@ def fit_jobs() -> list[dict]:
     return jobs
 
 
-STAGES = {"calibrate": calibrate_jobs, "fit": fit_jobs}
+def heldout_sizes(n_opt: float, per_side: int = 2) -> list[str]:
+    """The ``per_side`` sizes below and above the locked N_opt (log scale)."""
+    ordered = sorted(design.SIZES, key=lambda s: design.size_plan(s)[0])
+    below = [s for s in ordered if design.size_plan(s)[0] <= n_opt][-per_side:]
+    above = [s for s in ordered if design.size_plan(s)[0] > n_opt][:per_side]
+    return below + above
+
+
+def heldout_jobs() -> list[dict]:
+    """Extend the fit trunks around the locked N_opt to the held-out budget (a fresh trunk where none exists)."""
+    prediction = HERE / "prediction.json"
+    if not prediction.is_file():
+        raise SystemExit("error: no locked prediction (experiments/scaling_laws/v2/prediction.json); run "
+                         "analyze.py --collect --lock and commit it before the held-out runs")
+    n_opt = json.loads(prediction.read_text())["N_opt"]
+    jobs = []
+    for size in heldout_sizes(n_opt):
+        budgets = [*design.budgets_of(size), design.HELD_OUT_BUDGET]
+        name = f"fit-{size}" if design.budgets_of(size) else f"heldout-{size}"
+        job = trunk(name, size, budgets, [*design.EVAL, "rules=ladder_v2"],
+                    [{"seed": s} for s in design.SEEDS] if size == design.SEED_SIZE else None)
+        job["stage_dir"] = "fit" if design.budgets_of(size) else "heldout"
+        jobs.append(job)
+    return jobs
+
+
+FAMILY_SIZES = ("d24", "d32", "d40", "d56")
+FAMILY_BUDGETS = design.FIT_BUDGETS[1:5]
+FAMILIES = {"encoder_only": "mlm", "encoder_decoder": "span_corruption"}
+
+
+def families_jobs() -> list[dict]:
+    """Encoder-only (MLM) and encoder-decoder (span corruption, L+L layers) ladders on the decoder's budgets."""
+    return [trunk(f"{family}-{size}", size, FAMILY_BUDGETS, [*design.EVAL, "rules=ladder_v2", f"objective={objective}"],
+                  family=family)
+            for family, objective in FAMILIES.items() for size in FAMILY_SIZES]
+
+
+STAGES = {"calibrate": calibrate_jobs, "fit": fit_jobs, "heldout": heldout_jobs, "families": families_jobs}
 
 
 def branch_dirs(job: dict, run_dir: Path) -> list[Path]:
@@ -106,7 +144,7 @@ def is_finished(job: dict, run_dir: Path) -> bool:
 
 def run_stage(stage: str, jobs: list[dict], list_only: bool) -> None:
     for job in jobs:
-        run_dir = RUNS / stage / job["name"]
+        run_dir = RUNS / job.get("stage_dir", stage) / job["name"]  # held-out extensions live in their fit trunk
         command = [sys.executable, "-c", "from archlab.cli import train_main; train_main()",
                    *job["overrides"], f"run.dir={run_dir}"]
         if list_only:
@@ -115,7 +153,7 @@ def run_stage(stage: str, jobs: list[dict], list_only: bool) -> None:
         if is_finished(job, run_dir):
             print(json.dumps({"job": job["name"], "status": "finished"}), flush=True)
             continue
-        log = RUNS / stage / "_logs" / f"{job['name']}.log"
+        log = RUNS / stage / "_logs" / f"{job['name']}.log"  # the stage's own log, even for an extension
         log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with log.open("a") as out:
