@@ -66,6 +66,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
 
     cfg = resolved(cfg)
     check_config(cfg)  # budget, lengths and objective options refused before any data is read
+    from archlab.train.memory import check_memory
+    from archlab.train.setup import make_plan
+
+    check_memory(cfg, make_plan(cfg, cfg.data.vocab_size))  # an impossible size, before anything is allocated
     if cfg.run.members:
         from archlab.train.members import train_members
 
