@@ -223,3 +223,33 @@ def approach3_optimum(result: dict, budget: float) -> tuple[float, float, float]
     loss = result["fit"].predict(n, d)
     i = int(np.argmin(loss))
     return float(n[i]), float(d[i]), float(loss[i])
+
+
+def family_frontier(rows: list[dict], *, noise_sd: float, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """One family's own-objective frontier: the lowest loss per budget, L_min = A C^-alpha (no offset: 4 points),
+    the IsoFLOP a where the minima are interior, and bootstrap intervals (resampling sizes, adding seed noise)."""
+    by_budget = points_by_budget(rows, "total")
+    profs = [fit_profile(b, ps) for b, ps in by_budget.items()]
+
+    def slope(points_of: dict[float, list[Point]]) -> float:
+        best = [min(ps, key=lambda p: p.loss) for ps in points_of.values()]
+        return -line(np.array([float(b) for b in points_of]), np.array([p.loss for p in best]))[0]
+
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_resamples):
+        sample = {}
+        for b, ps in by_budget.items():
+            idx = rng.choice(len(ps), size=len(ps), replace=True)
+            sample[b] = [Point(ps[j].size, ps[j].N, ps[j].D, ps[j].C, ps[j].loss + rng.normal(0.0, noise_sd))
+                         for j in idx]
+        draws.append(slope(sample))
+    interior = [p for p in profs if p.interior]
+    out = {"budgets": list(by_budget), "sizes": sorted({p.size for ps in by_budget.values() for p in ps}),
+           "L_min": [min(p.loss for p in ps) for ps in by_budget.values()],
+           "argmin": [min(ps, key=lambda p: p.loss).size for ps in by_budget.values()],
+           "alpha": slope(by_budget), "alpha_95": [float(v) for v in np.percentile(draws, [2.5, 97.5])],
+           "interior_budgets": len(interior)}
+    if len(interior) >= 2:
+        out["a"] = line(np.array([p.C for p in interior]), np.array([p.N_opt for p in interior]))[0]
+    return out

@@ -130,6 +130,32 @@ def analyse(rows: list[dict], resamples: int) -> dict:
     boot3 = approach3_bootstrap(pts, a3, min(resamples, 200))
     out["approach3"] = {k: a3[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
     out["approach3"].update(held_out={"N_opt": n3, "D_opt": d3, "L_opt": l3}, bootstrap=boot3)
+    out["families"] = families(rows, noise["pooled_sd"], resamples)
+    return out
+
+
+def families(rows: list[dict], noise_sd: float, resamples: int) -> dict:
+    """Each family's frontier on the family ladder's sizes and budgets, and decoder vs encoder-decoder
+    continuation bits per byte at the points both trained."""
+    from ladder import FAMILIES, FAMILY_BUDGETS, FAMILY_SIZES
+
+    family = [r for r in rows if r["stage"] == "families"]
+    if not family:
+        return {}
+    decoder = [r for r in fit_rows(rows) if r["size"] in FAMILY_SIZES and float(r["budget_flops"]) in FAMILY_BUDGETS]
+    out = {"decoder_only": analysis.family_frontier(decoder, noise_sd=noise_sd, n_resamples=resamples)}
+    for name in FAMILIES:
+        own = [r for r in family if r["family"] == name]
+        if own:
+            out[name] = analysis.family_frontier(own, noise_sd=noise_sd, n_resamples=resamples)
+    pairs = []
+    by_point = {(r["size"], float(r["budget_flops"])): r for r in decoder}
+    for r in family:
+        twin = by_point.get((r["size"], float(r["budget_flops"])))
+        if r["family"] == "encoder_decoder" and twin is not None:
+            pairs.append({"size": r["size"], "budget": float(r["budget_flops"]),
+                          "decoder_bpb": twin["continuation_bpb"], "encoder_decoder_bpb": r["continuation_bpb"]})
+    out["continuation"] = pairs
     return out
 
 

@@ -219,6 +219,36 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
                 f" {', '.join(observed['sizes'])}; error of the prediction {100 * observed['relative_error']:+.2f}%"
                 f" (target 3%: {'met' if observed['within_target'] else 'NOT met'}); seed spread at"
                 f" the largest seed budget {_last_range(noise)}.")
+    lines += ["", "### The three families at equal compute", ""]
+    fam = fits.get("families") or {}
+    if not fam:
+        lines.append("The family ladders (`ladder.py families`) have not been run yet.")
+    else:
+        lines += [
+            "Each family on its own objective (decoder: causal LM; encoder-only: MLM; encoder-decoder: span",
+            "corruption with L+L layers against the decoder's L), sizes and budgets of the family ladder.",
+            "Frontier: the lowest loss per budget, L_min = A C^-alpha; 95% intervals resample sizes within",
+            "budgets and add the decoder's seed noise.",
+            "",
+            "| family | sizes | budgets | alpha | alpha 95% | lowest-loss size per budget | IsoFLOP a |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in ("decoder_only", "encoder_only", "encoder_decoder"):
+            if name not in fam:
+                continue
+            f = fam[name]
+            a_text = f"{f['a']:.2f} ({f['interior_budgets']} interior)" if "a" in f else (
+                f"not measured ({f['interior_budgets']} interior minima)")
+            lines.append(f"| {name} | {', '.join(f['sizes'])} | {len(f['budgets'])} | {f['alpha']:.3f} |"
+                         f" {_interval(f['alpha_95'])} | {', '.join(f['argmin'])} | {a_text} |")
+        if fam.get("continuation"):
+            lines += ["", "Continuation bits per byte (the same held-out windows; lower is better):", "",
+                      "| size | budget | decoder-only | encoder-decoder |", "|---|---|---|---|"]
+            for p in fam["continuation"]:
+                lines.append(f"| {p['size']} | {p['budget']:.3g} | {p['decoder_bpb']:.4f} |"
+                             f" {p['encoder_decoder_bpb']:.4f} |")
+            wins = sum(p["decoder_bpb"] < p["encoder_decoder_bpb"] for p in fam["continuation"])
+            lines += ["", f"The decoder scores lower at {wins} of {len(fam['continuation'])} matched points."]
     lines += [
         "",
         "## Targets",
