@@ -70,3 +70,10 @@ def test_approach3_optimum_follows_the_studys_flops_per_token(rows):
     assert n_opt == pytest.approx(true_optimum(rows, 2e13), rel=0.01)
     assert d_opt * analysis.fpt_of_n(rows)(np.array(n_opt)) == pytest.approx(2e13, rel=1e-9)
     assert loss == pytest.approx(float(law(n_opt, d_opt)), rel=1e-3)
+
+
+def test_seed_noise_is_taken_per_budget_from_the_nearest_measured_one():
+    measured = {2e11: 0.2, 1.6e12: 0.02}
+    assert analysis.noise_at(measured, 2e11) == 0.2 and analysis.noise_at(measured, 4e11) == 0.2
+    assert analysis.noise_at(measured, 6.4e12) == 0.02 and analysis.noise_at(0.03, 1e20) == 0.03
+    assert analysis.noise_at({}, 1e12) == 0.0

@@ -141,9 +141,22 @@ def seed_noise(seed_rows: list[dict]) -> dict:
             "seeds": max((len(v) for v in by_budget.values()), default=0)}
 
 
-def bootstrap_frontier(rows: list[dict], convention: str, held_out: float, *, noise_sd: float,
+def noise_at(noise_sd: float | dict[float, float], budget: float) -> float:
+    """The seed noise at ``budget``: a constant, or the measured value at the nearest budget (log scale)."""
+    if not isinstance(noise_sd, dict):
+        return float(noise_sd)
+    if not noise_sd:
+        return 0.0
+    nearest = min(noise_sd, key=lambda b: abs(math.log(b / budget)))
+    return float(noise_sd[nearest])
+
+
+def bootstrap_frontier(rows: list[dict], convention: str, held_out: float, *, noise_sd: float | dict[float, float],
                        n_resamples: int = 1000, seed: int = 0) -> dict:
-    """Percentile 95% intervals of a, b, N_opt and L_opt at ``held_out`` (total FLOPs)."""
+    """Percentile 95% intervals of a, b, N_opt and L_opt at ``held_out`` (total FLOPs).
+
+    ``noise_sd``: the seed standard deviation added to every loss, one value or one per budget.
+    """
     rng = np.random.default_rng(seed)
     by_budget = points_by_budget(rows, convention)
     c_scale = held_out_c(rows, convention, held_out)
@@ -156,8 +169,9 @@ def bootstrap_frontier(rows: list[dict], convention: str, held_out: float, *, no
                 idx = np.sort(rng.choice(len(points), size=len(points), replace=True))
                 if np.unique(idx).size >= 3:
                     break
+            sd = noise_at(noise_sd, budget)
             noisy = [Point(points[j].size, points[j].N, points[j].D, points[j].C,
-                           points[j].loss + rng.normal(0.0, noise_sd)) for j in idx]
+                           points[j].loss + rng.normal(0.0, sd)) for j in idx]
             profs.append(fit_profile(budget, noisy))
         try:
             f = frontier(profs)
@@ -225,7 +239,8 @@ def approach3_optimum(result: dict, budget: float) -> tuple[float, float, float]
     return float(n[i]), float(d[i]), float(loss[i])
 
 
-def family_frontier(rows: list[dict], *, noise_sd: float, n_resamples: int = 1000, seed: int = 0) -> dict:
+def family_frontier(rows: list[dict], *, noise_sd: float | dict[float, float], n_resamples: int = 1000,
+                    seed: int = 0) -> dict:
     """One family's own-objective frontier: the lowest loss per budget, L_min = A C^-alpha (no offset: 4 points),
     the IsoFLOP a where the minima are interior, and bootstrap intervals (resampling sizes, adding seed noise)."""
     by_budget = points_by_budget(rows, "total")
@@ -241,8 +256,8 @@ def family_frontier(rows: list[dict], *, noise_sd: float, n_resamples: int = 100
         sample = {}
         for b, ps in by_budget.items():
             idx = rng.choice(len(ps), size=len(ps), replace=True)
-            sample[b] = [Point(ps[j].size, ps[j].N, ps[j].D, ps[j].C, ps[j].loss + rng.normal(0.0, noise_sd))
-                         for j in idx]
+            sd = noise_at(noise_sd, b)
+            sample[b] = [Point(ps[j].size, ps[j].N, ps[j].D, ps[j].C, ps[j].loss + rng.normal(0.0, sd)) for j in idx]
         draws.append(slope(sample))
     interior = [p for p in profs if p.interior]
     out = {"budgets": list(by_budget), "sizes": sorted({p.size for ps in by_budget.values() for p in ps}),

@@ -112,8 +112,8 @@ def analyse(rows: list[dict], resamples: int) -> dict:
         profs = analysis.profiles(pts, convention)
         front = analysis.frontier(profs)
         c_held = analysis.held_out_c(pts, convention, design.HELD_OUT_BUDGET)
-        boot = analysis.bootstrap_frontier(pts, convention, design.HELD_OUT_BUDGET, noise_sd=noise["pooled_sd"],
-                                           n_resamples=resamples)
+        boot = analysis.bootstrap_frontier(pts, convention, design.HELD_OUT_BUDGET,
+                                           noise_sd=noise["per_budget_sd"], n_resamples=resamples)
         out["conventions"][convention] = {
             "profiles": [{"budget": p.budget, "C": p.C, "N_opt": p.N_opt, "D_opt": p.D_opt, "L_opt": p.L_opt,
                           "interior": p.interior, "sizes": [q.size for q in p.points],
@@ -130,11 +130,11 @@ def analyse(rows: list[dict], resamples: int) -> dict:
     boot3 = approach3_bootstrap(pts, a3, min(resamples, 200))
     out["approach3"] = {k: a3[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
     out["approach3"].update(held_out={"N_opt": n3, "D_opt": d3, "L_opt": l3}, bootstrap=boot3)
-    out["families"] = families(rows, noise["pooled_sd"], resamples)
+    out["families"] = families(rows, noise["per_budget_sd"], resamples)
     return out
 
 
-def families(rows: list[dict], noise_sd: float, resamples: int) -> dict:
+def families(rows: list[dict], noise_sd: dict[float, float], resamples: int) -> dict:
     """Each family's frontier on the family ladder's sizes and budgets, and decoder vs encoder-decoder
     continuation bits per byte at the points both trained."""
     from ladder import FAMILIES, FAMILY_BUDGETS, FAMILY_SIZES

@@ -191,8 +191,10 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
     lines += [
         "",
         f"Intervals: {total['bootstrap']['resamples']} bootstrap resamples within budgets, each loss perturbed by"
-        f" the pooled seed standard deviation ({noise['pooled_sd']:.4f} nats; per budget "
-        + ", ".join(f"{b:.2g}: {s:.4f}" for b, s in noise["per_budget_sd"].items()) + ").",
+        f" its budget's seed standard deviation ({design.SEED_SIZE}, {noise['seeds']} seeds; the nearest measured"
+        " budget's where it has none): " + ", ".join(f"{b:.2g}: {s:.4f}" for b, s in noise["per_budget_sd"].items())
+        + f" nats (pooled {noise['pooled_sd']:.4f}); {total['bootstrap']['failed']} resamples without >= 3 interior"
+        " minima were dropped.",
         "",
         f"Chinchilla approach 3 over all {len(fit_rows(rows))} points: L = {a3['E']:.3f} + {a3['A']:.3g}/N^{a3['alpha']:.3f}"
         f" + {a3['B']:.3g}/D^{a3['beta']:.3f}, so a = {a3['a']:.3f} {_interval(a3['bootstrap'].get('a', [math.nan] * 2))},"
@@ -228,7 +230,7 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
             "Each family on its own objective (decoder: causal LM; encoder-only: MLM; encoder-decoder: span",
             "corruption with L+L layers against the decoder's L), sizes and budgets of the family ladder.",
             "Frontier: the lowest loss per budget, L_min = A C^-alpha; 95% intervals resample sizes within",
-            "budgets and add the decoder's seed noise.",
+            "budgets and add the decoder's seed noise at each budget.",
             "",
             "| family | sizes | budgets | alpha | alpha 95% | lowest-loss size per budget | IsoFLOP a |",
             "|---|---|---|---|---|---|---|",
