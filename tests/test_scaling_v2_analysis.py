@@ -77,3 +77,15 @@ def test_seed_noise_is_taken_per_budget_from_the_nearest_measured_one():
     assert analysis.noise_at(measured, 2e11) == 0.2 and analysis.noise_at(measured, 4e11) == 0.2
     assert analysis.noise_at(measured, 6.4e12) == 0.02 and analysis.noise_at(0.03, 1e20) == 0.03
     assert analysis.noise_at({}, 1e12) == 0.0
+
+
+def test_a_point_is_its_seeds_mean_and_the_noise_is_pooled_within_sizes():
+    base = {"params_total": 1e4, "params_non_embedding": 5e3, "flops_per_token": 6e4,
+            "flops_per_token_non_embedding": 3e4, "tokens": 1e6, "budget_flops": 6e10}
+    rows = [{**base, "size": "a", "val_loss": v} for v in (3.0, 3.2, 3.4)]
+    rows += [{**base, "size": "b", "params_total": 2e4, "val_loss": v} for v in (2.9, 3.1)]
+    (a, b), = analysis.points_by_budget(rows, "total").values()
+    assert (a.size, a.seeds, b.seeds) == ("a", 3, 2) and a.loss == pytest.approx(3.2) and b.loss == pytest.approx(3.0)
+    noise = analysis.seed_noise(rows)
+    assert noise["per_budget_sd"][6e10] == pytest.approx(np.sqrt((0.04 + 0.02) / 2))  # variances 0.04 and 0.02
+    assert noise["per_budget_range"][6e10] == {"a": pytest.approx(0.4), "b": pytest.approx(0.2)}

@@ -45,7 +45,8 @@ class Point:
     N: float
     D: float
     C: float
-    loss: float
+    loss: float  # the mean over the point's seeds
+    seeds: int = 1
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,16 @@ class Profile:
 
 
 def points_by_budget(rows: list[dict], convention: str) -> dict[float, list[Point]]:
-    out: dict[float, list[Point]] = defaultdict(list)
+    """One point per (budget, size): its seeds' mean loss."""
+    groups: dict[tuple[float, str], list[dict]] = defaultdict(list)
     for r in rows:
-        n, fpt = counted(r, convention)
-        out[float(r["budget_flops"])].append(Point(r["size"], n, float(r["tokens"]), fpt * float(r["tokens"]),
-                                                   float(r["val_loss"])))
+        groups[(float(r["budget_flops"]), r["size"])].append(r)
+    out: dict[float, list[Point]] = defaultdict(list)
+    for (budget, size), group in groups.items():
+        n, fpt = counted(group[0], convention)
+        tokens = float(group[0]["tokens"])
+        out[budget].append(Point(size, n, tokens, fpt * tokens, float(np.mean([r["val_loss"] for r in group])),
+                                 len(group)))
     return {b: sorted(ps, key=lambda p: p.N) for b, ps in sorted(out.items())}
 
 
@@ -129,16 +135,23 @@ def frontier(profs: list[Profile]) -> dict:
             "n_budgets": len(good), "law": lc}
 
 
-def seed_noise(seed_rows: list[dict]) -> dict:
-    """Per-budget standard deviation of the final loss over seeds, and their pooled value."""
-    by_budget: dict[float, list[float]] = defaultdict(list)
-    for r in seed_rows:
-        by_budget[float(r["budget_flops"])].append(float(r["val_loss"]))
-    per = {b: float(np.std(v, ddof=1)) for b, v in sorted(by_budget.items()) if len(v) > 1}
-    pooled = float(np.sqrt(np.mean([s**2 for s in per.values()]))) if per else 0.0
-    spread = {b: float(np.ptp(v)) for b, v in sorted(by_budget.items()) if len(v) > 1}
-    return {"per_budget_sd": per, "pooled_sd": pooled, "per_budget_range": spread,
-            "seeds": max((len(v) for v in by_budget.values()), default=0)}
+def seed_noise(rows: list[dict]) -> dict:
+    """The standard deviation of one seed's final loss, per budget: pooled over the sizes trained with
+    several seeds there (the root mean within-size variance); also its overall pooled value."""
+    groups: dict[tuple[float, str], list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(float(r["budget_flops"]), r["size"])].append(float(r["val_loss"]))
+    variances: dict[float, list[float]] = defaultdict(list)
+    spread: dict[float, dict[str, float]] = defaultdict(dict)
+    for (budget, size), losses in sorted(groups.items()):
+        if len(losses) > 1:
+            variances[budget].append(float(np.var(losses, ddof=1)))
+            spread[budget][size] = float(np.ptp(losses))
+    per = {b: float(np.sqrt(np.mean(v))) for b, v in sorted(variances.items())}
+    pooled = float(np.sqrt(np.mean([v for vs in variances.values() for v in vs]))) if variances else 0.0
+    return {"per_budget_sd": per, "pooled_sd": pooled, "per_budget_range": dict(spread),
+            "sizes_per_budget": {b: len(v) for b, v in sorted(variances.items())},
+            "seeds": max((len(v) for v in groups.values()), default=0)}
 
 
 def noise_at(noise_sd: float | dict[float, float], budget: float) -> float:
@@ -169,9 +182,10 @@ def bootstrap_frontier(rows: list[dict], convention: str, held_out: float, *, no
                 idx = np.sort(rng.choice(len(points), size=len(points), replace=True))
                 if np.unique(idx).size >= 3:
                     break
-            sd = noise_at(noise_sd, budget)
+            sd = noise_at(noise_sd, budget)  # one seed's; a mean of k seeds has sd / sqrt(k)
             noisy = [Point(points[j].size, points[j].N, points[j].D, points[j].C,
-                           points[j].loss + rng.normal(0.0, sd)) for j in idx]
+                           points[j].loss + rng.normal(0.0, sd / math.sqrt(points[j].seeds)), points[j].seeds)
+                     for j in idx]
             profs.append(fit_profile(budget, noisy))
         try:
             f = frontier(profs)
@@ -257,7 +271,8 @@ def family_frontier(rows: list[dict], *, noise_sd: float | dict[float, float], n
         for b, ps in by_budget.items():
             idx = rng.choice(len(ps), size=len(ps), replace=True)
             sd = noise_at(noise_sd, b)
-            sample[b] = [Point(ps[j].size, ps[j].N, ps[j].D, ps[j].C, ps[j].loss + rng.normal(0.0, sd)) for j in idx]
+            sample[b] = [Point(ps[j].size, ps[j].N, ps[j].D, ps[j].C,
+                               ps[j].loss + rng.normal(0.0, sd / math.sqrt(ps[j].seeds)), ps[j].seeds) for j in idx]
         draws.append(slope(sample))
     interior = [p for p in profs if p.interior]
     out = {"budgets": list(by_budget), "sizes": sorted({p.size for ps in by_budget.values() for p in ps}),

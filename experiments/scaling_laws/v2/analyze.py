@@ -80,12 +80,8 @@ def read_table(path: Path = TABLE) -> list[dict]:
 
 
 def fit_rows(rows: list[dict]) -> list[dict]:
-    """The IsoFLOP points: the fit stage's decoder-only branches at seed 0."""
-    return [r for r in rows if r["stage"] == "fit" and r["family"] == "decoder_only" and int(r["seed"]) == 0]
-
-
-def seed_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["stage"] == "fit" and r["size"] == design.SEED_SIZE]
+    """The IsoFLOP points: the fit stage's decoder-only branches, every seed (a point is its seeds' mean)."""
+    return [r for r in rows if r["stage"] == "fit" and r["family"] == "decoder_only"]
 
 
 def design_checks(rows: list[dict]) -> dict:
@@ -106,7 +102,7 @@ def design_checks(rows: list[dict]) -> dict:
 
 def analyse(rows: list[dict], resamples: int) -> dict:
     pts = fit_rows(rows)
-    noise = analysis.seed_noise(seed_rows(rows))
+    noise = analysis.seed_noise(pts)
     out = {"design": design_checks(rows), "seed_noise": noise, "conventions": {}}
     for convention in analysis.CONVENTIONS:
         profs = analysis.profiles(pts, convention)

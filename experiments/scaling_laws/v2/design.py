@@ -15,13 +15,22 @@ import math
 
 # name: (d_model, n_layers, n_heads); d_ff = 4 d_model, vocabulary 512, context 128, learned positions.
 SIZES: dict[str, tuple[int, int, int]] = {
-    "d16": (16, 2, 2), "d24": (24, 2, 2), "d32": (32, 2, 2), "d40": (40, 2, 2), "d48": (48, 2, 4),
+    "d12": (12, 2, 2), "d16": (16, 2, 2), "d20": (20, 2, 2), "d24": (24, 2, 2), "d32": (32, 2, 2), "d40": (40, 2, 2),
+    "d48": (48, 2, 4),
     "d56": (56, 3, 4), "d64": (64, 3, 4), "d80": (80, 3, 4), "d96": (96, 4, 4), "d128": (128, 4, 4),
 }
 FIT_BUDGETS: tuple[float, ...] = (2e11, 4e11, 8e11, 1.6e12, 3.2e12, 6.4e12)  # 1.5 decades, 2x apart
 HELD_OUT_BUDGET = 2e13  # 3.1x the largest fit budget
 PRIOR_TOKENS_PER_PARAM = 20.0
 SPAN = 3.6  # sizes within N_opt / SPAN .. N_opt * SPAN of the prior optimum serve a budget
+# The ladder shift, after the first fit stage: its interior minima sat at 39-68 tokens per parameter
+# (N_opt 28K at 4e11 to 126K at 6.4e12) and the 2e11 and 8e11 minima at the smallest size served, so
+# the sizes also serve the budgets around a 50-tokens-per-parameter optimum: d12 and d20 join, d16
+# and d24 extend to larger budgets (a trunk only gains later branches; none it served is dropped).
+SHIFTED_TOKENS_PER_PARAM = 50.0
+# The seed noise at the two smallest budgets was 0.11-0.15 nats (d32, 3 seeds), against 0.01-0.04 from
+# 8e11 on: every size serving them gets seeds 1 and 2 there too, and each point is its seeds' mean.
+SEEDED_BUDGETS = (2e11, 4e11)
 SEED_SIZE, SEEDS = "d32", (0, 1, 2)  # the noise floor: 3 seeds of one size at every budget it serves (d32: 5 budgets)
 COMMON = ["data=english", "logger=none", "optimizer.schedule=wsd", "optimizer.cooldown_shape=1-sqrt",
           "run.eval_every=1000000", "run.checkpoint_every=400", "run.keep_checkpoints=1",
@@ -50,9 +59,9 @@ def size_plan(size: str, family: str = "decoder_only") -> tuple[int, float]:
     return plan.params.total, plan.flops.train / plan.row_length
 
 
-def prior_n_opt(budget: float) -> float:
-    """The size that would read PRIOR_TOKENS_PER_PARAM tokens per parameter at ``budget`` (log-interpolated)."""
-    points = sorted((math.log(size_plan(s)[0]), math.log(size_plan(s)[0] * PRIOR_TOKENS_PER_PARAM * size_plan(s)[1]))
+def prior_n_opt(budget: float, tokens_per_param: float = PRIOR_TOKENS_PER_PARAM) -> float:
+    """The size that would read ``tokens_per_param`` tokens per parameter at ``budget`` (log-interpolated)."""
+    points = sorted((math.log(size_plan(s)[0]), math.log(size_plan(s)[0] * tokens_per_param * size_plan(s)[1]))
                     for s in SIZES)
     log_c = math.log(budget)
     for (n0, c0), (n1, c1) in zip(points, points[1:]):
@@ -62,9 +71,14 @@ def prior_n_opt(budget: float) -> float:
 
 
 def served(budget: float) -> list[str]:
-    """Sizes whose IsoFLOP profile at ``budget`` they belong to."""
-    n_opt = prior_n_opt(budget)
-    return [s for s in SIZES if n_opt / SPAN <= size_plan(s)[0] <= n_opt * SPAN]
+    """Sizes whose IsoFLOP profile at ``budget`` they belong to: around the prior optimum or the shifted one."""
+    optima = [prior_n_opt(budget, t) for t in (PRIOR_TOKENS_PER_PARAM, SHIFTED_TOKENS_PER_PARAM)]
+    return [s for s in SIZES if any(n / SPAN <= size_plan(s)[0] <= n * SPAN for n in optima)]
+
+
+def seeded_budgets_of(size: str) -> list[float]:
+    """The budgets at which ``size`` also trains seeds 1 and 2 (in a trunk of its own)."""
+    return [b for b in budgets_of(size) if b in SEEDED_BUDGETS] if size != SEED_SIZE else []
 
 
 def budgets_of(size: str) -> list[float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -80,15 +81,19 @@ def fit_jobs() -> list[dict]:
             continue
         seeds = [{"seed": s} for s in design.SEEDS] if size == design.SEED_SIZE else None
         jobs.append(trunk(f"fit-{size}", size, budgets, [*design.EVAL, "rules=ladder_v2"], seeds))
+    for size in design.SIZES:  # the small budgets' extra seeds (design.SEEDED_BUDGETS)
+        if design.seeded_budgets_of(size):
+            # The rule's batch and warmup come from the smallest budget, as in the size's own trunk.
+            jobs.append(trunk(f"fit-{size}-seeds", size, design.seeded_budgets_of(size),
+                              [*design.EVAL, "rules=ladder_v2"], [{"seed": s} for s in design.SEEDS[1:]]))
     return jobs
 
 
-def heldout_sizes(n_opt: float, per_side: int = 2) -> list[str]:
-    """The ``per_side`` sizes below and above the locked N_opt (log scale)."""
+def heldout_sizes(n_opt: float) -> list[str]:
+    """The size nearest the locked N_opt (log scale) and its neighbours on either side."""
     ordered = sorted(design.SIZES, key=lambda s: design.size_plan(s)[0])
-    below = [s for s in ordered if design.size_plan(s)[0] <= n_opt][-per_side:]
-    above = [s for s in ordered if design.size_plan(s)[0] > n_opt][:per_side]
-    return below + above
+    nearest = min(range(len(ordered)), key=lambda i: abs(math.log(design.size_plan(ordered[i])[0] / n_opt)))
+    return ordered[max(0, nearest - 1):nearest + 2]
 
 
 def heldout_jobs() -> list[dict]:
@@ -143,6 +148,7 @@ def is_finished(job: dict, run_dir: Path) -> bool:
 
 
 def run_stage(stage: str, jobs: list[dict], list_only: bool) -> None:
+    failed: list[str] = []
     for job in jobs:
         run_dir = RUNS / job.get("stage_dir", stage) / job["name"]  # held-out extensions live in their fit trunk
         command = [sys.executable, "-c", "from archlab.cli import train_main; train_main()",
@@ -161,7 +167,9 @@ def run_stage(stage: str, jobs: list[dict], list_only: bool) -> None:
         print(json.dumps({"job": job["name"], "rc": rc, "seconds": round(time.perf_counter() - start, 1),
                           "finished": is_finished(job, run_dir)}), flush=True)
         if rc != 0:
-            raise SystemExit(f"error: {job['name']} exited {rc}; see {log}")
+            failed.append(f"{job['name']} exited {rc}; see {log}")
+    if failed:  # the other jobs ran; rerunning the stage retries only these
+        raise SystemExit("error: " + "; ".join(failed))
 
 
 def main(argv: list[str] | None = None) -> None:

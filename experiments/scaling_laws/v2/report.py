@@ -51,9 +51,13 @@ def plots(rows: list[dict], fits: dict, prediction: dict | None, out: Path) -> N
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
+    by_size: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for points in analysis.points_by_budget(pts + held, "total").values():
+        for q in points:
+            by_size[q.size].append((q.C, q.loss))
     for s in sizes:
-        own = sorted((r for r in pts + held if r["size"] == s), key=lambda r: r["budget_flops"])
-        ax.plot([r["C_total"] for r in own], [r["val_loss"] for r in own], "o-", ms=3, color=colours[s], label=s)
+        own = sorted(by_size[s])
+        ax.plot([c for c, _ in own], [loss for _, loss in own], "o-", ms=3, color=colours[s], label=s)
     law = fits["conventions"]["total"]["L_of_C"]
     grid = np.logspace(np.log10(min(design.FIT_BUDGETS)), np.log10(design.HELD_OUT_BUDGET), 100)
     ax.plot(grid, law["E"] + law["A"] * grid ** -law["alpha"], "k--", lw=1, label="L(C) frontier fit")
@@ -151,7 +155,9 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
         f" d80, beta2 0.95 vs 0.99 at d24): lr = {law['lr']:.3g} (N/1e5)^{law['lr_exponent']:.3f},"
         f" beta2 {calibration['b2']}; warmup min(N, 10% of the smallest budget) tokens; batch the largest power",
         "  of two giving the smallest budget >= 300 updates.",
-        f"- Noise floor: {noise['seeds']} seeds of {design.SEED_SIZE} at every budget it serves.",
+        f"- Noise floor: {noise['seeds']} seeds of {design.SEED_SIZE} at every budget it serves, and of every size at"
+        f" the two smallest budgets ({', '.join(f'{b:.2g}' for b in design.SEEDED_BUDGETS)}), where one seed's"
+        " spread was largest.",
         "",
         "## Commands",
         "",
@@ -191,10 +197,11 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
     lines += [
         "",
         f"Intervals: {total['bootstrap']['resamples']} bootstrap resamples within budgets, each loss perturbed by"
-        f" its budget's seed standard deviation ({design.SEED_SIZE}, {noise['seeds']} seeds; the nearest measured"
-        " budget's where it has none): " + ", ".join(f"{b:.2g}: {s:.4f}" for b, s in noise["per_budget_sd"].items())
+        " one seed's standard deviation at its budget (pooled over the sizes trained with 3 seeds there; the"
+        " nearest measured budget's where none was), divided by the square root of the point's seeds: "
+        + ", ".join(f"{b:.2g}: {s:.4f} ({noise['sizes_per_budget'][b]} sizes)" for b, s in noise["per_budget_sd"].items())
         + f" nats (pooled {noise['pooled_sd']:.4f}); {total['bootstrap']['failed']} resamples without >= 3 interior"
-        " minima were dropped.",
+        " minima were dropped. A point with several seeds is their mean.",
         "",
         f"Chinchilla approach 3 over all {len(fit_rows(rows))} points: L = {a3['E']:.3f} + {a3['A']:.3g}/N^{a3['alpha']:.3f}"
         f" + {a3['B']:.3g}/D^{a3['beta']:.3f}, so a = {a3['a']:.3f} {_interval(a3['bootstrap'].get('a', [math.nan] * 2))},"
@@ -281,8 +288,8 @@ def _sizes(rows: list[dict]) -> list[tuple[str, float]]:
 def _last_range(noise: dict) -> str:
     if not noise["per_budget_range"]:
         return "not measured"
-    b, r = list(noise["per_budget_range"].items())[-1]
-    return f"{r:.4f} nats (max - min of {noise['seeds']} seeds at C={b:.2g})"
+    b, ranges = max(noise["per_budget_range"].items())
+    return ", ".join(f"{r:.4f} nats for {s}" for s, r in ranges.items()) + f" (max - min of its seeds at C={b:.2g})"
 
 
 def conclusion(total: dict, a_ok: bool, prediction: dict | None, observed: dict | None) -> str:
