@@ -28,8 +28,9 @@ SPAN = 3.6  # sizes within N_opt / SPAN .. N_opt * SPAN of the prior optimum ser
 # the sizes also serve the budgets around a 50-tokens-per-parameter optimum: d12 and d20 join, d16
 # and d24 extend to larger budgets (a trunk only gains later branches; none it served is dropped).
 SHIFTED_TOKENS_PER_PARAM = 50.0
-# The seed noise at the two smallest budgets was 0.11-0.15 nats (d32, 3 seeds), against 0.01-0.04 from
-# 8e11 on: every size serving them gets seeds 1 and 2 there too, and each point is its seeds' mean.
+# One seed's standard deviation (d32, 3 seeds) was 0.15 nats at 2e11 and 0.05 at 4e11, against 0.04 at
+# 8e11 and 0.01-0.02 above: every size serving the two smallest budgets gets seeds 1 and 2 there too,
+# and each point is its seeds' mean.
 SEEDED_BUDGETS = (2e11, 4e11)
 SEED_SIZE, SEEDS = "d32", (0, 1, 2)  # the noise floor: 3 seeds of one size at every budget it serves (d32: 5 budgets)
 COMMON = ["data=english", "logger=none", "optimizer.schedule=wsd", "optimizer.cooldown_shape=1-sqrt",
