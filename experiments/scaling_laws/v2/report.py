@@ -97,6 +97,28 @@ def plots(rows: list[dict], fits: dict, prediction: dict | None, out: Path) -> N
         ax.legend(fontsize=7)
     _save(fig, out / "frontier.png")
 
+    fam = fits.get("families") or {}
+    if fam:
+        fig = Figure(figsize=(10, 4.2))
+        ax = fig.add_subplot(1, 2, 1)
+        for i, name in enumerate(n for n in ("decoder_only", "encoder_only", "encoder_decoder") if n in fam):
+            f = fam[name]
+            ax.plot(f["budgets"], f["L_min"], "o-", color=f"C{i}",
+                    label=f"{name}: alpha {f['alpha']:.3f} [{f['alpha_95'][0]:.3f}, {f['alpha_95'][1]:.3f}]")
+        ax.set(xscale="log", yscale="log", xlabel="training FLOPs C (total)", ylabel="lowest loss (own objective)",
+               title="Each family's frontier")
+        ax.legend(fontsize=7)
+        if fam.get("continuation"):
+            ax = fig.add_subplot(1, 2, 2)
+            pairs = fam["continuation"]
+            ax.scatter([p["decoder_bpb"] for p in pairs], [p["encoder_decoder_bpb"] for p in pairs], s=16)
+            lo = min(min(p["decoder_bpb"], p["encoder_decoder_bpb"]) for p in pairs)
+            hi = max(max(p["decoder_bpb"], p["encoder_decoder_bpb"]) for p in pairs)
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+            ax.set(xlabel="decoder-only continuation bits/byte", ylabel="encoder-decoder continuation bits/byte",
+                   title="Same size and budget (above the line: decoder better)")
+        _save(fig, out / "families.png")
+
     observed = fits.get("held_out_observed")
     if prediction is not None and observed is not None:
         fig = Figure(figsize=(6, 4.2))
@@ -274,6 +296,8 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
         lines.append("- Held-out best loss within 3% of the locked prediction: not yet measured.")
     lines += ["", "## Plots", "", "![loss vs FLOPs](plots/loss_vs_flops.png)", "![IsoFLOP](plots/isoflop.png)",
               "![frontier](plots/frontier.png)"]
+    if fits.get("families"):
+        lines.append("![families](plots/families.png)")
     if (HERE / "plots" / "heldout.png").exists() and observed is not None:
         lines.append("![held-out](plots/heldout.png)")
     lines += ["", "## Conclusion", "", conclusion(total, a_ok, prediction, observed), ""]
