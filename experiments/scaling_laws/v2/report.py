@@ -169,12 +169,14 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
         f" ({d['held_out_over_largest_fit']:.2f}x the largest).",
         "- Each size is one constant-rate trunk with a (1-sqrt) cooldown branch (20% of the budget) at every",
         f"  budget it serves: those within {design.SPAN}x of a prior optimum of {design.PRIOR_TOKENS_PER_PARAM:g}"
-        f" tokens per parameter.",
+        " tokens per parameter, and, after the first fit stage put the minima at 39-68 tokens per parameter"
+        f" (the ladder shift), of {design.SHIFTED_TOKENS_PER_PARAM:g} tokens per parameter.",
         f"- Measured on the table: >= {d['min_sizes_per_budget']} sizes per fit budget, >= "
         f"{d['min_sizes_each_side_of_minimum']} on each side of every observed minimum, >= {d['min_updates']} updates"
         f" per point, at most {d['max_epochs']:.2f} epochs.",
         f"- Hyperparameters from `conf/rules/ladder_v2.yaml` (the calibration sweep: lr x0.5/1/2/4 at d24, d56,"
-        f" d80, beta2 0.95 vs 0.99 at d24): lr = {law['lr']:.3g} (N/1e5)^{law['lr_exponent']:.3f},"
+        f" d80, beta2 0.95 vs 0.99 at d24): lr = {law['lr']:.3g} (N/1e5)^{law['lr_exponent']:.3f}"
+        f" (batch/{law['lr_batch']})^{law['lr_batch_exponent']:g},"
         f" beta2 {calibration['b2']}; warmup min(N, 10% of the smallest budget) tokens; batch the largest power",
         "  of two giving the smallest budget >= 300 updates.",
         f"- Noise floor: {noise['seeds']} seeds of {design.SEED_SIZE} at every budget it serves, and of every size at"
