@@ -123,7 +123,7 @@ def analyse(rows: list[dict], resamples: int) -> dict:
         }
     a3 = analysis.approach3(pts)
     n3, d3, l3 = analysis.approach3_optimum(a3, design.HELD_OUT_BUDGET)
-    boot3 = approach3_bootstrap(pts, a3, min(resamples, 200))
+    boot3 = approach3_bootstrap(pts, a3, min(resamples, 100))
     out["approach3"] = {k: a3[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
     out["approach3"].update(held_out={"N_opt": n3, "D_opt": d3, "L_opt": l3}, bootstrap=boot3)
     out["families"] = families(rows, noise["per_budget_sd"], resamples)
