@@ -29,7 +29,12 @@ from test_checkpoint import (
 
 from archlab.errors import CheckpointError, CorruptCheckpointError
 from archlab.train import integrity
-from archlab.train.checkpoint import Checkpointer, saved_state_shapes, set_aside_dirs
+from archlab.train.checkpoint import (
+    Checkpointer,
+    restore_together,
+    saved_state_shapes,
+    set_aside_dirs,
+)
 from archlab.train.set_aside import NOTE_FILE
 
 LOGGER = "archlab.train.checkpoint"
@@ -215,6 +220,29 @@ def test_set_aside_steps_are_saved_afresh_and_survive_rotation(tmp_path, caplog)
     assert note["step"] == 2 and note["was"] == "2" and note["reason"] == "data/ does not match its checksum"
     assert [(e["name"], e["step"], e["kind"], e["reason"]) for e in set_aside_dirs(tmp_path)] == [
         (moved.name, 2, "corrupt", "data/ does not match its checksum")]
+
+
+def test_packed_members_fall_back_together(tmp_path, caplog):
+    """Members share one step counter: when one member's newest step is corrupt, every member
+    restores the step before; only the corrupt step is set aside, the others' good ones stay."""
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        with Checkpointer(d) as ckpt:
+            _save(ckpt, 1, 2)
+    _write_json(dirs[1] / "2" / "data" / "metadata", {"hello": 1})
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    checkpointers = [Checkpointer(d) for d in dirs]
+    try:
+        restored = restore_together(checkpointers, [ABSTRACT, ABSTRACT], at_most=2)
+    finally:
+        for ckpt in checkpointers:
+            ckpt.close()
+    assert [r.step for r in restored] == [1, 1]
+    for r in restored:
+        _assert_bitwise_equal(r.state, _state(1))
+    assert sorted(p.name for p in dirs[0].iterdir()) == ["1", "2"]
+    assert [e["step"] for e in set_aside_dirs(dirs[1])] == [2] and (dirs[1] / "1").is_dir()
+    assert len(_warnings(caplog)) == 1
 
 
 def test_nothing_is_moved_when_no_step_verifies(tmp_path):

@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Self
 
@@ -201,6 +201,20 @@ def _at_stored_dtypes(target: PyTree, record: dict | None) -> tuple[PyTree, dict
 
 def _and_more(keys: list[str]) -> str:
     return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+
+def restore_together(checkpointers: Sequence[Checkpointer], targets: Sequence[PyTree], at_most: int) -> list[Restored]:
+    """The newest step, at most ``at_most``, that verifies in every one of ``checkpointers`` (runs that
+    share one step counter: packed members), restored in each; the corrupt steps skipped are set aside.
+
+    A checkpointer that falls back pulls the others back with it; their newer good steps stay on disk.
+    """
+    while True:
+        restored = [c.restore(None, t, set_aside=True, at_most=at_most) for c, t in zip(checkpointers, targets)]
+        common = min(r.step for r in restored)
+        if all(r.step == common for r in restored):
+            return restored
+        at_most = common  # strictly lower each round: a restored step is never above at_most
 
 
 def find_checkpoint_dir(path: str | os.PathLike) -> tuple[Path, int | None]:

@@ -125,7 +125,7 @@ class Pack:
 def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train (or resume) every member of ``cfg.run.members`` in ``run_dir``; returns their summaries."""
     from archlab.train import branches, run_dir as run_files
-    from archlab.train.checkpoint import Checkpointer, set_aside_dirs
+    from archlab.train.checkpoint import Checkpointer, restore_together, set_aside_dirs
     from archlab.train.loop import StopRequested
     from archlab.train.metrics import progress_bar
     from archlab.train.state import from_checkpoint, to_checkpoint, abstract_like
@@ -149,15 +149,10 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
         steps = [c.latest_step() for c in checkpointers]
         if any(s is not None for s in steps):
             common = min(s or 0 for s in steps)
-            while common:  # every member restored at the newest step that verifies in all of them
+            if common:  # every member restored at the newest step that verifies in all of them
                 likes = [_member(pack.state, i) for i in range(len(checkpointers))]
-                restored = [c.restore(None, abstract_like(to_checkpoint(like)), set_aside=True, at_most=common)
-                            for c, like in zip(checkpointers, likes)]
-                if all(r.step == common for r in restored):
-                    break
-                common = min(r.step for r in restored)  # a member fell back: the others follow it
-            if common:
-                for i, (r, like) in enumerate(zip(restored, likes)):
+                restored = restore_together(checkpointers, [abstract_like(to_checkpoint(x)) for x in likes], common)
+                for i, r in enumerate(restored):
                     pack.iterators[i].set_state(r.data)
                 pack.state = _stack([from_checkpoint(r.state, like) for r, like in zip(restored, likes)])
         start = int(pack.state.step[0])
