@@ -322,6 +322,11 @@ def test_corrupt_final_steps_fall_back_in_eval_and_are_recomputed_by_a_resume(tr
     (warning,) = _warnings(caplog)
     assert warning.startswith(f"checkpoint steps 8, 6 in {ckpt_dir} are unusable (8: ")
     assert "; 6: data/ does not match its checksum); restored step 4 instead" in warning
+    caplog.clear()
+    scored_all = evaluate(EvalConfig(checkpoint=str(split), all_steps=True, batches=1, samples=0, logger=quiet))
+    assert [r["step"] for r in scored_all] == [4]  # every step asked for: the corrupt ones skipped, one line each
+    assert [m.split(" is unusable: ")[0] for m in _warnings(caplog, "archlab.evaluate")] == [
+        f"checkpoint step {s} in {ckpt_dir}" for s in (6, 8)]
     assert _snapshot(ckpt_dir) == before  # evaluation only reads
 
     caplog.clear()

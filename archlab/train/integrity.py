@@ -10,7 +10,8 @@ temporary directory, so it commits (or not) together with the rest of the step::
 A leaf's digest covers its dtype name, shape and C-order bytes on the host; a JSON item's digest
 covers its canonical text (sorted keys, no spaces), so it does not depend on how orbax lays out
 the file. The state's digests are computed from the host copy of the state being saved, before an
-asynchronous save is handed to orbax.
+asynchronous save is handed to orbax (so every array must be fully addressable from this process,
+as it is with archlab's single-process mesh).
 
 Before any array is read, ``on_disk_problem`` checks the commit markers, the item directories and
 every JSON file orbax and archlab wrote (a torn or emptied one would otherwise fail deep inside
