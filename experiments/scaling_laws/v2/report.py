@@ -97,6 +97,28 @@ def plots(rows: list[dict], fits: dict, prediction: dict | None, out: Path) -> N
         ax.legend(fontsize=7)
     _save(fig, out / "frontier.png")
 
+    fam = fits.get("families") or {}
+    if fam:
+        fig = Figure(figsize=(10, 4.2))
+        ax = fig.add_subplot(1, 2, 1)
+        for i, name in enumerate(n for n in ("decoder_only", "encoder_only", "encoder_decoder") if n in fam):
+            f = fam[name]
+            ax.plot(f["budgets"], f["L_min"], "o-", color=f"C{i}",
+                    label=f"{name}: alpha {f['alpha']:.3f} [{f['alpha_95'][0]:.3f}, {f['alpha_95'][1]:.3f}]")
+        ax.set(xscale="log", yscale="log", xlabel="training FLOPs C (total)", ylabel="lowest loss (own objective)",
+               title="Each family's frontier")
+        ax.legend(fontsize=7)
+        if fam.get("continuation"):
+            ax = fig.add_subplot(1, 2, 2)
+            pairs = fam["continuation"]
+            ax.scatter([p["decoder_bpb"] for p in pairs], [p["encoder_decoder_bpb"] for p in pairs], s=16)
+            lo = min(min(p["decoder_bpb"], p["encoder_decoder_bpb"]) for p in pairs)
+            hi = max(max(p["decoder_bpb"], p["encoder_decoder_bpb"]) for p in pairs)
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+            ax.set(xlabel="decoder-only continuation bits/byte", ylabel="encoder-decoder continuation bits/byte",
+                   title="Same size and budget (above the line: decoder better)")
+        _save(fig, out / "families.png")
+
     observed = fits.get("held_out_observed")
     if prediction is not None and observed is not None:
         fig = Figure(figsize=(6, 4.2))
@@ -147,12 +169,14 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
         f" ({d['held_out_over_largest_fit']:.2f}x the largest).",
         "- Each size is one constant-rate trunk with a (1-sqrt) cooldown branch (20% of the budget) at every",
         f"  budget it serves: those within {design.SPAN}x of a prior optimum of {design.PRIOR_TOKENS_PER_PARAM:g}"
-        f" tokens per parameter.",
+        " tokens per parameter, and, after the first fit stage put the minima at 39-68 tokens per parameter"
+        f" (the ladder shift), of {design.SHIFTED_TOKENS_PER_PARAM:g} tokens per parameter.",
         f"- Measured on the table: >= {d['min_sizes_per_budget']} sizes per fit budget, >= "
         f"{d['min_sizes_each_side_of_minimum']} on each side of every observed minimum, >= {d['min_updates']} updates"
         f" per point, at most {d['max_epochs']:.2f} epochs.",
         f"- Hyperparameters from `conf/rules/ladder_v2.yaml` (the calibration sweep: lr x0.5/1/2/4 at d24, d56,"
-        f" d80, beta2 0.95 vs 0.99 at d24): lr = {law['lr']:.3g} (N/1e5)^{law['lr_exponent']:.3f},"
+        f" d80, beta2 0.95 vs 0.99 at d24): lr = {law['lr']:.3g} (N/1e5)^{law['lr_exponent']:.3f}"
+        f" (batch/{law['lr_batch']})^{law['lr_batch_exponent']:g},"
         f" beta2 {calibration['b2']}; warmup min(N, 10% of the smallest budget) tokens; batch the largest power",
         "  of two giving the smallest budget >= 300 updates.",
         f"- Noise floor: {noise['seeds']} seeds of {design.SEED_SIZE} at every budget it serves, and of every size at"
@@ -274,6 +298,8 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
         lines.append("- Held-out best loss within 3% of the locked prediction: not yet measured.")
     lines += ["", "## Plots", "", "![loss vs FLOPs](plots/loss_vs_flops.png)", "![IsoFLOP](plots/isoflop.png)",
               "![frontier](plots/frontier.png)"]
+    if fits.get("families"):
+        lines.append("![families](plots/families.png)")
     if (HERE / "plots" / "heldout.png").exists() and observed is not None:
         lines.append("![held-out](plots/heldout.png)")
     lines += ["", "## Conclusion", "", conclusion(total, a_ok, prediction, observed), ""]
