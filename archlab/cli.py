@@ -140,10 +140,16 @@ def _quiet_libraries() -> None:
 
 def _drop_closed_loop_noise(unraisable) -> None:
     """orbax reads a checkpoint through tensorstore on a private event loop; when one read fails (a
-    corrupt file), the reads still in flight call back into the closed loop and Python reports each
-    as unraisable: dozens of tracebacks around the one line that matters. Only those are dropped."""
+    corrupt file), the reads still in flight call back into the closed loop or raise as they are
+    collected, and Python reports each as unraisable: hundreds of lines around the one that matters.
+    ``Checkpointer.restore`` collects them itself; this drops any that outlive it (and only those)."""
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    # Looked up, not imported: only a process that read a checkpoint has such noise (and no JAX
+    # is loaded before a bad config is refused).
+    reads = sys.modules.get("archlab.train.orbax_reads")
+    if reads is not None and reads.is_abandoned_read(unraisable):
         return
     sys.__unraisablehook__(unraisable)
 

@@ -21,5 +21,9 @@ class CheckpointError(ArchlabError):
     """A checkpoint directory that is missing, empty, corrupt or mismatched."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A named checkpoint step that failed its checks (torn, truncated, or not what was saved)."""
+
+
 class ConversionError(ArchlabError):
     """A Hugging Face model directory that cannot be converted."""

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from archlab.errors import CheckpointError
+from archlab.errors import CheckpointError, CorruptCheckpointError
 from archlab.schema import EvalConfig
 from archlab.tokens import SPECIAL
 from archlab.train.checkpoint import Checkpointer
@@ -58,9 +58,12 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
             f"{run_dir} holds a {train_cfg.model.family} model, not the requested {cfg.expect_family}"
         )
     checkpoints = Checkpointer(run_dir / "checkpoints", async_save=False)
-    steps = checkpoints.all_steps() if cfg.all_steps else [step]
-    trainer = Trainer.restore(run_dir, steps[0], data=cfg.data)
+    trainer = Trainer.for_run(run_dir, data=cfg.data)
     plan = trainer.plan
+    # The same verification and fallback as a resumed training run (Checkpointer.restore), but
+    # nothing is set aside: evaluation only reads, and the run may be training right now.
+    loaded = [] if cfg.all_steps else [trainer.load(checkpoints, step).step]
+    steps = checkpoints.all_steps() if cfg.all_steps else loaded
     batches = trainer.validation_batches(cfg.batches, cfg.batch_size)
 
     def open_tracker() -> Tracker:
@@ -73,10 +76,13 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
         )
 
     results, tracker = [], None
-    for k, step_k in enumerate(steps):
-        if k:
-            trainer.load(checkpoints, step_k)
-        step_k = trainer.restored_step if k == 0 else step_k
+    for step_k in steps:
+        if step_k not in loaded:
+            try:
+                trainer.load(checkpoints, step_k)
+            except CorruptCheckpointError as error:  # all_steps: the other steps are still worth scoring
+                log.warning("%s; skipped it", str(error).rstrip("."))
+                continue
         # Opened only once a checkpoint restored: a refused checkpoint leaves the run directory as it was.
         tracker = tracker or open_tracker()
         metrics = trainer.evaluate(batches, prefix="eval")
@@ -90,6 +96,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
         results.append(result)
     if tracker is not None:
         tracker.finish()
+    if not results:
+        raise CheckpointError(f"no usable checkpoint in {checkpoints.directory} (every step failed its checks)")
     return results
 
 

@@ -130,6 +130,9 @@ class RunConfig:
         "(the score then does not depend on run.batch_size); null: run.eval_batches batches of the first rows"))
     checkpoint_every: int = _help(200, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _help(3, "checkpoints kept (newest)")
+    keep_set_aside: int = _help(3, (
+        "set-aside checkpoint directories kept (corrupt-<step>-<ns>: steps that failed their checks on resume; "
+        "abandoned-<step>-<ns>: crashed saves), newest first; older ones are deleted when another is set aside"))
     log_every: int = _help(10, "train metrics every N steps")
     stop_at_step: Optional[int] = _help(None, "checkpoint and exit after this step (time-limited jobs); rerun to continue")
     on_nonfinite: str = _help("stop", "non-finite loss or gradients: stop | skip the update")
@@ -149,7 +152,8 @@ class RunConfig:
         check_fields(
             "run", self, seed=SEEDS, batch_size=AT_LEAST_ONE, tokens=POSITIVE, tokens_per_param=POSITIVE,
             flops=POSITIVE, steps=POSITIVE, eval_every=AT_LEAST_ONE, eval_batches=AT_LEAST_ONE, eval_rows=AT_LEAST_ONE,
-            checkpoint_every=AT_LEAST_ONE, keep_checkpoints=AT_LEAST_ONE, log_every=AT_LEAST_ONE,
+            checkpoint_every=AT_LEAST_ONE, keep_checkpoints=AT_LEAST_ONE, keep_set_aside=NON_NEGATIVE,
+            log_every=AT_LEAST_ONE,
             stop_at_step=AT_LEAST_ONE, inject_nan_at_step=AT_LEAST_ONE, samples=NON_NEGATIVE,
         )
 

@@ -246,12 +246,16 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def load(self, checkpoints, step: int | None = None):
-        """Restore ``step`` (None: the newest good one) into ``self.state``; returns orbax's ``Restored``."""
+    def load(self, checkpoints, step: int | None = None, *, set_aside: bool = False):
+        """Restore ``step`` (None: the newest one that verifies) into ``self.state``; returns orbax's ``Restored``.
+
+        ``set_aside`` renames the corrupt steps skipped on the way (only for the run that owns the
+        directory: ``Checkpointer.restore``).
+        """
         from archlab.train.state import abstract_like, from_checkpoint, to_checkpoint
 
         try:
-            restored = checkpoints.restore(step, abstract_like(to_checkpoint(self.state)))
+            restored = checkpoints.restore(step, abstract_like(to_checkpoint(self.state)), set_aside=set_aside)
         except CheckpointError:
             raise
         except (ValueError, KeyError, TypeError) as error:
@@ -263,13 +267,11 @@ class Trainer:
         return restored
 
     @classmethod
-    def restore(cls, run_dir: str | Path, step: int | None = None, *, data: DataConfig | None = None) -> "Trainer":
-        """The run saved in ``run_dir`` at ``step`` (None: the newest good step), from its own config.
+    def for_run(cls, run_dir: str | Path, *, data: DataConfig | None = None) -> Trainer:
+        """The run saved in ``run_dir``, built from its own config, its state still abstract (``load`` fills it).
 
         ``data`` evaluates on other text through the run's tokenizer, rows and objective.
-        ``trainer.restored_step`` says which step was loaded.
         """
-        from archlab.train.checkpoint import Checkpointer
         from archlab.train.run_dir import TOKENIZER_FILE
 
         run_dir = Path(run_dir)
@@ -280,6 +282,19 @@ class Trainer:
             )
         trainer = cls(cfg, tokenizer_file=run_dir / TOKENIZER_FILE, abstract=True)
         trainer.run_dir = run_dir
-        restored = trainer.load(Checkpointer(run_dir / "checkpoints", async_save=False), step)
+        return trainer
+
+    @classmethod
+    def restore(cls, run_dir: str | Path, step: int | None = None, *, data: DataConfig | None = None) -> "Trainer":
+        """The run saved in ``run_dir`` at ``step`` (None: the newest step that verifies), from its own config.
+
+        ``data`` evaluates on other text through the run's tokenizer, rows and objective.
+        ``trainer.restored_step`` says which step was loaded. Corrupt steps are skipped with a
+        warning but never moved: a reader leaves the run directory as it is.
+        """
+        from archlab.train.checkpoint import Checkpointer
+
+        trainer = cls.for_run(run_dir, data=data)
+        restored = trainer.load(Checkpointer(Path(run_dir) / "checkpoints", async_save=False), step)
         trainer.restored_step = restored.step
         return trainer

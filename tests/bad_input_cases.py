@@ -70,6 +70,7 @@ CASES = [
     train("branches_without_budget", "cooldown branches with the budget given in steps", ["optimizer.schedule=wsd", "optimizer.warmup_tokens=256", "run.branches=[1600]"], r"run.branches are budgets in run.flops's or run.tokens's unit"),
     train("negative_lr", "a negative learning rate", ["optimizer.lr=-1"], r"optimizer.lr must be positive, got -1"),
     train("unknown_nonfinite_policy", "an unknown non-finite policy", ["run.on_nonfinite=ignore"], r"run.on_nonfinite='ignore' is not one of stop, skip"),
+    train("negative_keep_set_aside", "a negative number of set-aside checkpoint directories to keep", ["run.keep_set_aside=-1"], r"run.keep_set_aside must be at least 0, got -1$"),
     train("unknown_logger", "an unknown logger backend", ["logger.backend=tensorboard"], r"logger.backend='tensorboard' is not one of wandb, none"),
     train("unknown_source", "an unknown data source", ["data.source=s3"], r"unknown data source 's3'; choose one of shakespeare, files, hf"),
     train("bad_source_option", "an option the source does not take", ["+data.options.colour=red"], r"bad options for data source 'shakespeare'"),

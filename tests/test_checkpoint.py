@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from archlab.errors import CheckpointError
 from archlab.train.checkpoint import Checkpointer, find_checkpoint_dir
+from archlab.train.set_aside import NOTE_FILE
 
 LOGGER = "archlab.train.checkpoint"
 
@@ -158,7 +160,7 @@ def _back_to_temporary_dir(step_dir: Path) -> None:
 
 CORRUPTIONS = {
     "truncated_array_file": (_truncate_arrays, "ValueError"),
-    "garbage_meta_json": (_garbage_meta_json, "JSONDecodeError"),
+    "garbage_meta_json": (_garbage_meta_json, "meta/metadata is not valid JSON"),
     "deleted_item_dir": (_remove_data_item, "item directory 'data' is missing"),
     "no_commit_marker": (_remove_commit_markers, "half-written: no _CHECKPOINT_METADATA"),
     "temporary_dir": (_back_to_temporary_dir, "orbax temporary directory 2.orbax-checkpoint-tmp, never committed"),
@@ -237,7 +239,9 @@ def test_resave_of_unfinished_step_keeps_the_old_temporary_dir(tmp_path):
         _save(ckpt, 2)
         assert ckpt.restore(None, ABSTRACT).step == 2
     (kept,) = tmp_path.glob("abandoned-2-*")
-    assert _snapshot(kept) == unfinished
+    note = json.loads((kept / NOTE_FILE).read_text())  # the one file added: why it was moved
+    assert note["step"] == 2 and note["was"] == "2.orbax-checkpoint-tmp" and "never committed" in note["reason"]
+    assert {k: v for k, v in _snapshot(kept).items() if k != NOTE_FILE} == unfinished
 
 
 def test_same_step_is_not_overwritten(tmp_path, caplog):

@@ -10,6 +10,7 @@ dict, e.g. ``{"next_index": 1234}``) continues with exactly the next batch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import grain
@@ -89,6 +90,22 @@ def build_iterator(
     )
     options = grain.ReadOptions(num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))
+
+
+def iterator_state_problem(state: object) -> str | None:
+    """Why ``state`` cannot be a ``build_iterator`` state, or None.
+
+    grain's ``set_state`` reads only ``next_index`` and fails on anything else deep inside the
+    iterator (a KeyError, a TypeError), so a checkpoint's state is checked before it is used.
+    """
+    if not isinstance(state, dict):
+        return f"holds a JSON {type(state).__name__}, not an iterator state object"
+    index = state.get("next_index")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        shown = json.dumps(state)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return f"is not an iterator state: {shown} has no non-negative integer 'next_index'"
+    return None
 
 
 def batch_at(

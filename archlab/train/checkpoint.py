@@ -1,22 +1,32 @@
-"""Checkpoints: train state, data-iterator state and run metadata in one orbax step.
+"""Checkpoints: train state, data-iterator state and run metadata in one orbax step, with checksums.
 
 Layout (orbax ``CheckpointManager`` with ``ocp.args.Composite``)::
 
-    checkpoints/<step>/state/   pytree of arrays (params, optimizer state, step, RNG key data)
-    checkpoints/<step>/data/    grain iterator state (JSON)
-    checkpoints/<step>/meta/    run metadata (JSON: W&B run id, tokens seen, version...)
+    checkpoints/<step>/state/       pytree of arrays (params, optimizer state, step, RNG key data)
+    checkpoints/<step>/data/        grain iterator state (JSON)
+    checkpoints/<step>/meta/        run metadata (JSON: W&B run id, tokens seen, version...)
+    checkpoints/<step>/integrity/   checksums.json: a digest of every array and of data/ and meta/
 
 Only the orbax directory is written here; the caller keeps the resolved config
 beside it. orbax writes a step into ``<step>.orbax-checkpoint-tmp``, then writes
 ``_CHECKPOINT_METADATA`` and ``commit_success.txt`` and renames it into place, so
-a step directory without both files never committed. orbax itself lists such a
-directory as a step, and does not check array files until they are read, so
-``restore`` checks each step and reads it in full before trusting it: with
-``step=None`` a corrupt newest step is skipped (one warning) in favour of the
-newest one that restores. Corrupt steps are left in place for inspection
-(orbax's ``max_to_keep`` still rotates them out like any old step, and counts
-them); a crashed save's temporary directory is renamed aside, not replaced,
-when its step is saved again.
+a step directory without both files never committed, and the checksums commit
+with the step (``train/integrity.py``).
+
+orbax lists any such directory as a step and does not check array files until
+they are read, so ``restore`` reads a step in full and verifies it before
+trusting it: commit markers, orbax's JSON files, the checksum record against
+orbax's metadata, every array, data/ and meta/ against their digests, and
+data/ as an iterator state. A step from an archlab that wrote no checksums
+(its ``_CHECKPOINT_METADATA`` lists no ``integrity`` item) restores unverified,
+with a warning; one that lists the item but lacks the file is corrupt. With
+``step=None`` a corrupt step is skipped (one warning line) in favour of the
+newest one that verifies. With ``set_aside=True`` (the training run, which owns
+the directory) the skipped steps are renamed ``corrupt-<step>-<ns>`` once a good
+one is found, so the resumed run saves those steps afresh, and rotation never
+deletes them (``train/set_aside.py`` bounds how many are kept). When no step
+verifies, nothing is moved. A crashed save's temporary directory is renamed
+aside (``abandoned-<step>-<ns>``), not replaced, when its step is saved again.
 """
 
 from __future__ import annotations
@@ -25,29 +35,33 @@ import json
 import logging
 import os
 import re
-import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from archlab.errors import CheckpointError
+from archlab.errors import CheckpointError, CorruptCheckpointError
+from archlab.train import integrity
+from archlab.train import set_aside as aside
+from archlab.train.integrity import IntegrityError
+from archlab.train.integrity import leaf_key as _key
+from archlab.train.orbax_reads import contained_read_noise, describe
 
 log = logging.getLogger(__name__)
 
 PyTree = Any
 
-ITEMS = ("state", "data", "meta")
-# Both are written by orbax 0.12 before the rename that commits a step.
-_COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+ITEMS = integrity.ITEMS
+JSON_FILE = integrity.JSON_FILE
+_COMMIT_FILES = integrity.COMMIT_FILES
 # orbax's in-progress directory for a step (some versions append -<timestamp>).
 TMP_MARK = ".orbax-checkpoint-tmp"
 _TMP_NAME = re.compile(r"(0|[1-9]\d*)" + re.escape(TMP_MARK) + r"(-\d+)?")
-_REASON_CHARS = 300
+DEFAULT_KEEP_SET_ASIDE = 3
 
 
 class Restored(NamedTuple):
@@ -58,7 +72,14 @@ class Restored(NamedTuple):
 
 
 class _Unusable(Exception):
-    """A step that cannot be restored because of what is (or is not) on disk."""
+    """A step that cannot be restored because of what is (or is not) on disk.
+
+    ``in_reads``: raised by a failed orbax read, which leaves other reads in flight (see ``_attempt``).
+    """
+
+    def __init__(self, reason: str, *, in_reads: bool = False):
+        super().__init__(reason)
+        self.in_reads = in_reads
 
 
 def _step_of(name: str) -> int | None:
@@ -94,35 +115,20 @@ def committed_steps(root: str | os.PathLike) -> list[int]:
     return sorted(s for s, p in _step_dirs(Path(root)).items() if _is_committed(p))
 
 
+def set_aside_dirs(root: str | os.PathLike) -> list[dict]:
+    """The ``corrupt-*`` and ``abandoned-*`` directories under a checkpoint root, oldest first
+    (name, step, kind, reason, time): what a run's ``summary.json`` lists as ``set_aside``."""
+    return aside.entries(Path(root))
+
+
 def saved_state_shapes(step_dir: str | os.PathLike) -> PyTree:
     """The stored state of one step as ``jax.ShapeDtypeStruct`` leaves (a restore target)."""
     metadata = ocp.StandardCheckpointHandler().metadata(Path(step_dir) / "state")
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), getattr(metadata, "tree", metadata))
 
 
-def _on_disk_problem(step_dir: Path) -> str | None:
-    """What makes a step directory unusable without reading its arrays, or None."""
-    for name in _COMMIT_FILES:
-        if not (step_dir / name).is_file():
-            return f"half-written: no {name}, so the save never committed"
-    try:
-        meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return f"_CHECKPOINT_METADATA is not valid JSON ({e})"
-    if not isinstance(meta, dict):
-        return "_CHECKPOINT_METADATA is not a JSON object"
-    for item in ITEMS:
-        if not (step_dir / item).is_dir():
-            return f"item directory '{item}' is missing"
-    return None
-
-
 def _looks_like_step(path: Path) -> bool:
     return any((path / name).exists() for name in (*_COMMIT_FILES, *ITEMS))
-
-
-def _key(path: tuple) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
 
 
 def _first_non_finite(state: PyTree) -> str | None:
@@ -173,15 +179,42 @@ def _abstract_leaf(leaf) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
 
 
+def _at_stored_dtypes(target: PyTree, record: dict | None) -> tuple[PyTree, dict[str, Any]]:
+    """``target`` with each leaf at the dtype it was saved in, and the dtypes to cast to afterwards.
+
+    orbax casts on restore; a cast leaf could not be checked against its digest.
+    """
+    casts: dict[str, Any] = {}
+    if record is None:
+        return target, casts
+
+    def leaf(path, x):
+        key = _key(path)
+        stored, wanted = jnp.dtype(record["state"][key]["dtype"]), jnp.result_type(x)
+        if stored == wanted:
+            return x
+        casts[key] = wanted
+        return jax.ShapeDtypeStruct(tuple(np.shape(x)), stored, sharding=getattr(x, "sharding", None))
+
+    return jax.tree_util.tree_map_with_path(leaf, target), casts
+
+
 def _and_more(keys: list[str]) -> str:
     return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
 
-def _describe(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or "no message"
-    if len(text) > _REASON_CHARS:
-        text = text[: _REASON_CHARS - 3] + "..."
-    return f"{type(e).__name__}: {text}"
+def restore_together(checkpointers: Sequence[Checkpointer], targets: Sequence[PyTree], at_most: int) -> list[Restored]:
+    """The newest step, at most ``at_most``, that verifies in every one of ``checkpointers`` (runs that
+    share one step counter: packed members), restored in each; the corrupt steps skipped are set aside.
+
+    A checkpointer that falls back pulls the others back with it; their newer good steps stay on disk.
+    """
+    while True:
+        restored = [c.restore(None, t, set_aside=True, at_most=at_most) for c, t in zip(checkpointers, targets)]
+        common = min(r.step for r in restored)
+        if all(r.step == common for r in restored):
+            return restored
+        at_most = common  # strictly lower each round: a restored step is never above at_most
 
 
 def find_checkpoint_dir(path: str | os.PathLike) -> tuple[Path, int | None]:
@@ -200,19 +233,28 @@ def find_checkpoint_dir(path: str | os.PathLike) -> tuple[Path, int | None]:
 
 
 class Checkpointer:
-    """Saves and restores (state, data-iterator state, metadata) by step; see the module docstring."""
+    """Saves and restores (state, data-iterator state, metadata) by step; see the module docstring.
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
+    ``keep_set_aside``: how many set-aside directories (``corrupt-*``, ``abandoned-*``) to keep
+    whenever this checkpointer sets one aside; older ones are deleted (``train/set_aside.py``).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True,
+                 keep_set_aside: int = DEFAULT_KEEP_SET_ASIDE):
         if max_to_keep < 1:
             raise CheckpointError(f"max_to_keep must be at least 1, got {max_to_keep}.")
+        if keep_set_aside < 0:
+            raise CheckpointError(f"keep_set_aside must be at least 0, got {keep_set_aside}.")
         self.directory = Path(directory).expanduser().absolute()
+        self.keep_set_aside = keep_set_aside
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(filename=JSON_FILE),
+                "meta": ocp.JsonCheckpointHandler(filename=JSON_FILE),
+                integrity.ITEM: ocp.JsonCheckpointHandler(filename=integrity.FILENAME),
             },
         )
         self._unusable: set[int] = set()  # committed steps this object failed to restore
@@ -237,6 +279,7 @@ class Checkpointer:
     def save(self, step: int, state: PyTree, *, data: dict, meta: dict, force: bool = False) -> bool:
         """Write ``step`` (asynchronously if enabled); returns whether a save was started.
 
+        The checksums are computed here, from a host copy of ``state``, before orbax takes over.
         Raises CheckpointError for non-finite floating values or non-JSON data/meta.
         Never overwrites: an existing ``step`` is skipped with a warning. A step
         older than the newest usable checkpoint (e.g. after restoring an older
@@ -267,6 +310,7 @@ class Checkpointer:
                 )
                 return False
 
+        record = integrity.make_record(state, data, meta)
         self._set_aside_unfinished(step)
         self._manager.save(
             step,
@@ -274,10 +318,12 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data),
                 meta=ocp.args.JsonSave(meta),
+                **{integrity.ITEM: ocp.args.JsonSave(record)},
             ),
             # The decision is ours: orbax would also skip any step below a half-written newer one.
             force=True,
         )
+        self._unusable.discard(step)  # a step set aside as corrupt is being written afresh
         return True
 
     def _set_aside_unfinished(self, step: int) -> None:
@@ -285,20 +331,30 @@ class Checkpointer:
         stale = _unfinished_dirs(self.directory).get(step)
         if stale is None or jax.process_index() != 0:
             return
+        target = self._set_aside(stale, step, "abandoned", f"half-written: orbax temporary directory {stale.name}, "
+                                 "never committed")
+        log.warning("an unfinished save of step %d was left in %s; moved it to %s", step, stale, target.name)
+
+    def _set_aside(self, path: Path, step: int, kind: str, reason: str) -> Path:
         # A name that does not start with the step number: orbax would take "<step>.<anything>"
         # for that step and could delete it in max_to_keep rotation instead of the real old step.
-        target = stale.with_name(f"abandoned-{step}-{time.time_ns()}")
-        stale.rename(target)
-        log.warning("an unfinished save of step %d was left in %s; moved it to %s", step, stale, target.name)
+        target = aside.set_aside(path, step, kind, reason)
+        aside.prune(self.directory, self.keep_set_aside)
+        return target
 
     # -- restoring ---------------------------------------------------------------
 
-    def restore(self, step: int | None, abstract_state: PyTree) -> Restored:
-        """Restore ``step``, or with None the newest step that restores cleanly.
+    def restore(self, step: int | None, abstract_state: PyTree, *, set_aside: bool = False,
+                at_most: int | None = None) -> Restored:
+        """Restore ``step``, or with None the newest step (at most ``at_most``) that verifies.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (or arrays)
         with the target structure, shapes, dtypes and shardings. A state that
         does not match it raises CheckpointError; it is not treated as corruption.
+        A named step that fails its checks raises CorruptCheckpointError. With
+        ``set_aside`` (only for the run that owns the directory), the newer steps
+        skipped on the way to a good one are renamed ``corrupt-<step>-<ns>``
+        (``abandoned-...`` for temporary directories).
         """
         self.wait()
         self._manager.reload()
@@ -306,7 +362,7 @@ class Checkpointer:
         unfinished = {s: p for s, p in _unfinished_dirs(self.directory).items() if s not in steps}
         if step is not None:
             if step in unfinished:
-                raise CheckpointError(
+                raise CorruptCheckpointError(
                     f"checkpoint step {step} in {self.directory} is unusable: "
                     f"half-written (orbax temporary directory {unfinished[step].name}, never committed)."
                 )
@@ -315,12 +371,14 @@ class Checkpointer:
                 raise CheckpointError(
                     f"no checkpoint for step {step} in {self.directory} (available steps: {available})."
                 )
-            try:
-                return self._restore_step(step, steps[step], abstract_state)
-            except _Unusable as e:
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} is unusable: {e}.") from None
+            result = self._attempt(step, steps[step], abstract_state)
+            if isinstance(result, str):
+                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is unusable: {result}.")
+            return result
 
         candidates = sorted({**unfinished, **steps}.items(), reverse=True)
+        if at_most is not None:
+            candidates = [(s, p) for s, p in candidates if s <= at_most]
         if not candidates:
             raise CheckpointError(f"no checkpoints in {self.directory}")
         skipped: dict[int, str] = {}
@@ -328,38 +386,70 @@ class Checkpointer:
             if s in unfinished:
                 skipped[s] = f"half-written: orbax temporary directory {path.name}, never committed"
                 continue
-            try:
-                restored = self._restore_step(s, path, abstract_state)
-            except _Unusable as e:
-                skipped[s] = str(e)
+            result = self._attempt(s, path, abstract_state)
+            if isinstance(result, str):
+                skipped[s] = result
                 continue
-            if len(skipped) == 1:
-                ((bad, why),) = skipped.items()
-                log.warning(
-                    "checkpoint step %d in %s is unusable (%s); restored step %d instead", bad, self.directory, why, s
-                )
-            elif skipped:
-                log.warning(
-                    "checkpoint steps %s in %s are unusable (%s); restored step %d instead",
-                    ", ".join(map(str, skipped)),
-                    self.directory,
-                    "; ".join(f"{k}: {v}" for k, v in skipped.items()),
-                    s,
-                )
-            return restored
+            moved = self._set_aside_skipped(skipped, steps, unfinished) if set_aside else []
+            if skipped:
+                self._warn_skipped(skipped, moved, s)
+            return result
+        # Nothing verified: leave every directory as it is, for whoever decides what to keep.
         details = "; ".join(f"step {k}: {v}" for k, v in skipped.items())
         raise CheckpointError(f"no usable checkpoint in {self.directory} ({details}).")
 
-    def _restore_step(self, step: int, step_dir: Path, abstract_state: PyTree) -> Restored:
-        if (problem := _on_disk_problem(step_dir)) is not None:
+    def _set_aside_skipped(self, skipped: dict[int, str], steps: dict[int, Path],
+                           unfinished: dict[int, Path]) -> list[str]:
+        if jax.process_index() != 0:
+            return []
+        moved = []
+        for s, why in skipped.items():
+            kind, path = ("abandoned", unfinished[s]) if s in unfinished else ("corrupt", steps[s])
+            moved.append(self._set_aside(path, s, kind, why).name)
+        self._manager.reload()  # orbax must not try to rotate out a step that is no longer there
+        return moved
+
+    def _warn_skipped(self, skipped: dict[int, str], moved: list[str], restored: int) -> None:
+        where = f"set aside as {', '.join(moved)}; " if moved else ""
+        if len(skipped) == 1:
+            ((bad, why),) = skipped.items()
+            log.warning("checkpoint step %d in %s is unusable (%s); %srestored step %d instead",
+                        bad, self.directory, why, where, restored)
+        else:
+            log.warning("checkpoint steps %s in %s are unusable (%s); %srestored step %d instead",
+                        ", ".join(map(str, skipped)), self.directory,
+                        "; ".join(f"{k}: {v}" for k, v in skipped.items()), where, restored)
+
+    def _attempt(self, step: int, step_dir: Path, abstract_state: PyTree) -> Restored | str:
+        """The verified step, or why it is unusable (the exception is not kept: it would keep
+        orbax's abandoned reads alive past the collection that silences them)."""
+        with contained_read_noise() as settle:
+            try:
+                return self._restore_step(step, step_dir, abstract_state)
+            except _Unusable as e:
+                reason, in_reads = str(e), e.in_reads
             self._unusable.add(step)
+            if in_reads:
+                settle()  # the exception (and the frames it held) is gone: the abandoned reads are garbage now
+            return reason
+
+    def _restore_step(self, step: int, step_dir: Path, abstract_state: PyTree) -> Restored:
+        if (problem := integrity.on_disk_problem(step_dir)) is not None:
             raise _Unusable(problem)
+        record = None
+        if integrity.lists_integrity(step_dir):
+            try:
+                record = integrity.check_record(
+                    json.loads((step_dir / integrity.ITEM / integrity.FILENAME).read_text()))
+            except IntegrityError as e:
+                raise _Unusable(str(e)) from None
         try:
             saved = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
-        except Exception as e:  # whatever orbax raises on unreadable metadata
-            self._unusable.add(step)
-            raise _Unusable(f"state metadata unreadable ({_describe(e)})") from None
+        except Exception as e:  # noqa: BLE001 - whatever orbax raises on unreadable metadata
+            raise _Unusable(f"state metadata unreadable ({describe(e)})", in_reads=True) from None
         saved_tree = getattr(saved, "tree", saved)  # orbax's tree metadata wraps a dict
+        if record is not None and (problem := integrity.metadata_problem(record, saved_tree)) is not None:
+            raise _Unusable(problem)
         retired = _retired_keys(saved_tree, abstract_state)
         if retired:  # restore them as stored, then drop them: older checkpoints stay readable
             abstract_state = {**abstract_state, **{k: _abstract_leaf(saved_tree[k]) for k in retired}}
@@ -367,20 +457,46 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match the expected state: {mismatch}."
             )
+        target, casts = _at_stored_dtypes(abstract_state, record)
         try:
             out = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
+                    state=ocp.args.StandardRestore(target),
                     data=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore(),
                 ),
             )
-        except Exception as e:  # structure was checked above, so a failure here is the files
-            self._unusable.add(step)
-            raise _Unusable(_describe(e)) from None
-        state = {k: v for k, v in out.state.items() if k not in retired} if retired else out.state
+        except Exception as e:  # noqa: BLE001 - the structure was checked above, so a failure here is the files
+            raise _Unusable(describe(e), in_reads=True) from None
+        if (problem := self._content_problem(record, out.state, out.data, out.meta)) is not None:
+            raise _Unusable(problem)
+        state = out.state
+        if casts:
+            state = jax.tree_util.tree_map_with_path(
+                lambda p, x: x.astype(casts[_key(p)]) if _key(p) in casts else x, state)
+        if retired:
+            state = {k: v for k, v in state.items() if k not in retired}
+        if record is None:
+            log.warning("checkpoint step %d in %s has no checksums (saved by an older archlab); restored it unverified",
+                        step, self.directory)
         return Restored(step=step, state=state, data=out.data, meta=out.meta)
+
+    @staticmethod
+    def _content_problem(record: dict | None, state: PyTree, data: Any, meta: Any) -> str | None:
+        """What is wrong with what was read: digests (when recorded), then the items' own form."""
+        from archlab.data.pipeline import iterator_state_problem
+
+        if record is not None:
+            for problem in (integrity.state_problem(record, state), integrity.json_problem(record, "data", data),
+                            integrity.json_problem(record, "meta", meta)):
+                if problem is not None:
+                    return problem
+        if (problem := iterator_state_problem(data)) is not None:
+            return f"data/ {problem}"
+        if not isinstance(meta, dict):
+            return f"meta/ holds a JSON {type(meta).__name__}, not an object"
+        return None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -396,7 +512,7 @@ class Checkpointer:
             self._manager.close()
             self._closed = True
 
-    def __enter__(self) -> Checkpointer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -16,7 +16,7 @@ from archlab.accounting import device_peak_flops
 from archlab.errors import ArchlabError
 from archlab.schema import TrainConfig
 from archlab.train import branches, run_dir as run_files
-from archlab.train.checkpoint import Checkpointer, committed_steps
+from archlab.train.checkpoint import Checkpointer, committed_steps, set_aside_dirs
 from archlab.train.metrics import progress_bar
 from archlab.train.state import TrainState, to_checkpoint
 from archlab.train.step import NONFINITE_KINDS
@@ -89,10 +89,12 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
 def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dict, stop: StopRequested) -> dict:
     cfg, plan, corpus = trainer.cfg, trainer.plan, trainer.corpus
     data = trainer.iterator()
-    checkpoints = Checkpointer(run_dir / "checkpoints", max_to_keep=cfg.run.keep_checkpoints)
+    checkpoints = Checkpointer(run_dir / "checkpoints", max_to_keep=cfg.run.keep_checkpoints,
+                               keep_set_aside=cfg.run.keep_set_aside)
     meta: dict = {}
     if checkpoints.latest_step() is not None:
-        restored = trainer.load(checkpoints)
+        # Corrupt newer steps are set aside, so the steps recomputed from here are saved afresh.
+        restored = trainer.load(checkpoints, set_aside=True)
         resumed = trainer.state
         if cfg.run.on_nonfinite == "stop" and int(resumed.first_nonfinite_step) >= 0:
             # Updates skipped earlier under run.on_nonfinite=skip: watch for new ones from here.
@@ -148,7 +150,8 @@ class _Run:
 def _steps(trainer, run: _Run) -> dict:
     cfg, plan, corpus = trainer.cfg, trainer.plan, trainer.corpus
     tracker, checkpoints, start_step = run.tracker, run.checkpoints, run.start_step
-    tracker.summary(run.derived)  # on a resume the same values; an extended trunk's new budget
+    # On a resume the same values (an extended trunk's new budget), and what the resume set aside.
+    tracker.summary({**run.derived, "set_aside": set_aside_dirs(checkpoints.directory)})
     peak = device_peak_flops() * jax.device_count()
     pending = [b for b in trainer.branches if not branches.is_done(b, run.run_dir)]
 
@@ -216,7 +219,7 @@ def _steps(trainer, run: _Run) -> dict:
     checkpoints.wait()
     checkpoints.close()
     final = {**summary, "step": int(trainer.state.step), "skipped_updates": int(trainer.state.skipped),
-             "unigram_entropy_nats": corpus.unigram_entropy_nats}
+             "unigram_entropy_nats": corpus.unigram_entropy_nats, "set_aside": set_aside_dirs(checkpoints.directory)}
     tracker.summary(final)
     tracker.finish()
     return final

@@ -125,7 +125,7 @@ class Pack:
 def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train (or resume) every member of ``cfg.run.members`` in ``run_dir``; returns their summaries."""
     from archlab.train import branches, run_dir as run_files
-    from archlab.train.checkpoint import Checkpointer
+    from archlab.train.checkpoint import Checkpointer, restore_together, set_aside_dirs
     from archlab.train.loop import StopRequested
     from archlab.train.metrics import progress_bar
     from archlab.train.state import from_checkpoint, to_checkpoint, abstract_like
@@ -144,18 +144,17 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
         for trainer, member_dir in zip(pack.trainers, pack.dirs):
             member_dir.mkdir(parents=True, exist_ok=True)
             run_files.write_once(member_dir, config_dict(trainer.cfg), pack.corpus.tokenizer)
-            checkpointers.append(Checkpointer(member_dir / "checkpoints", max_to_keep=cfg.run.keep_checkpoints))
+            checkpointers.append(Checkpointer(member_dir / "checkpoints", max_to_keep=cfg.run.keep_checkpoints,
+                                              keep_set_aside=cfg.run.keep_set_aside))
         steps = [c.latest_step() for c in checkpointers]
         if any(s is not None for s in steps):
             common = min(s or 0 for s in steps)
-            if common:  # every member restored at the newest step all of them hold
-                states = []
-                for i, (checkpoints, trainer) in enumerate(zip(checkpointers, pack.trainers)):
-                    like = _member(pack.state, i)
-                    restored = checkpoints.restore(common, abstract_like(to_checkpoint(like)))
-                    states.append(from_checkpoint(restored.state, like))
-                    pack.iterators[i].set_state(restored.data)
-                pack.state = _stack(states)
+            if common:  # every member restored at the newest step that verifies in all of them
+                likes = [_member(pack.state, i) for i in range(len(checkpointers))]
+                restored = restore_together(checkpointers, [abstract_like(to_checkpoint(x)) for x in likes], common)
+                for i, r in enumerate(restored):
+                    pack.iterators[i].set_state(r.data)
+                pack.state = _stack([from_checkpoint(r.state, like) for r, like in zip(restored, likes)])
         start = int(pack.state.step[0])
         trackers = [Tracker(d, backend=cfg.logger.backend, project=cfg.logger.project,
                             group=cfg.logger.group or cfg.experiment, name=c.run.name,
@@ -165,8 +164,8 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
                     for c, d in zip(pack.cfgs, pack.dirs)]
         derived = {**plan.derived(), "unigram_entropy_nats": pack.corpus.unigram_entropy_nats,
                    "bytes_per_token_validation": pack.corpus.bytes_per_token_validation, "members": len(pack.cfgs)}
-        for tracker in trackers:
-            tracker.summary(derived)
+        for tracker, checkpoints in zip(trackers, checkpointers):
+            tracker.summary({**derived, "set_aside": set_aside_dirs(checkpoints.directory)})
 
         def save(step: int) -> None:
             for i, checkpoints in enumerate(checkpointers):
@@ -220,7 +219,8 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
             if not stopped:
                 tracker.summary({**finals[i], "step": int(pack.state.step[i]),
                                  "skipped_updates": int(pack.state.skipped[i]),
-                                 "unigram_entropy_nats": pack.corpus.unigram_entropy_nats})
+                                 "unigram_entropy_nats": pack.corpus.unigram_entropy_nats,
+                                 "set_aside": set_aside_dirs(checkpointers[i].directory)})
             tracker.finish()
     (Path(run_dir) / "members.yaml").write_text(yaml.safe_dump([c.run.name for c in pack.cfgs]))
     return {c.run.name: f for c, f in zip(pack.cfgs, finals)}

@@ -1,0 +1,214 @@
+"""What a good checkpoint step is: its files (``on_disk_problem``) and its checksums (recorded at save).
+
+Every step holds ``integrity/checksums.json``, an orbax JSON item written inside the step's
+temporary directory, so it commits (or not) together with the rest of the step::
+
+    {"format": 1, "algorithm": "sha256",
+     "state": {"params/w": {"dtype": "float32", "shape": [3, 4], "digest": "<hex>"}, ...},
+     "data": "<hex>", "meta": "<hex>"}
+
+A leaf's digest covers its dtype name, shape and C-order bytes on the host; a JSON item's digest
+covers its canonical text (sorted keys, no spaces), so it does not depend on how orbax lays out
+the file. The state's digests are computed from the host copy of the state being saved, before an
+asynchronous save is handed to orbax (so every array must be fully addressable from this process,
+as it is with archlab's single-process mesh).
+
+Before any array is read, ``on_disk_problem`` checks the commit markers, the item directories and
+every JSON file orbax and archlab wrote (a torn or emptied one would otherwise fail deep inside
+orbax's asynchronous reads, far from a message that names it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from archlab.train.orbax_reads import describe
+
+ITEMS = ("state", "data", "meta")
+JSON_ITEMS = ("data", "meta")
+JSON_FILE = "metadata"  # the file orbax's JsonCheckpointHandler writes in data/ and meta/ (its default)
+ITEM = "integrity"
+FILENAME = "checksums.json"
+# Both are written by orbax 0.12 before the rename that commits a step.
+COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+FORMAT = 1
+ALGORITHM = "sha256"
+# hashlib releases the GIL on large buffers, so a few threads hash a large state several times faster.
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class IntegrityError(Exception):
+    """A checksum record that is invalid, or a step that does not match its record (the message says which)."""
+
+
+def leaf_key(path: tuple) -> str:
+    """A pytree path as ``a/b/0``: the same for a dict and an optax NamedTuple (orbax stores both as dicts)."""
+    import jax
+
+    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+
+
+def array_digest(array: Any) -> str:
+    """Digest of an array's dtype name, shape and C-order bytes."""
+    a = np.asarray(array)
+    digest = hashlib.new(ALGORITHM)
+    digest.update(f"{a.dtype.name}{list(a.shape)}\0".encode())
+    digest.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def json_digest(item: Any) -> str:
+    """Digest of a JSON value's canonical text."""
+    text = json.dumps(item, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.new(ALGORITHM, text.encode()).hexdigest()
+
+
+def host_leaves(tree: Any) -> dict[str, np.ndarray]:
+    """Every leaf of ``tree`` on the host (one transfer), by ``leaf_key``."""
+    import jax
+
+    flat = jax.tree_util.tree_leaves_with_path(tree)
+    host = jax.device_get([leaf for _, leaf in flat])
+    return {leaf_key(path): np.asarray(x) for (path, _), x in zip(flat, host)}
+
+
+def _digests(leaves: dict[str, np.ndarray]) -> dict[str, str]:
+    with ThreadPoolExecutor(_THREADS) as pool:
+        return dict(zip(leaves, pool.map(array_digest, leaves.values())))
+
+
+def make_record(state: Any, data: Any, meta: Any) -> dict:
+    """The checksum record of a step about to be saved (``data`` and ``meta`` must be JSON-serialisable)."""
+    leaves = host_leaves(state)
+    digests = _digests(leaves)
+    return {
+        "format": FORMAT,
+        "algorithm": ALGORITHM,
+        "state": {k: {"dtype": a.dtype.name, "shape": list(a.shape), "digest": digests[k]} for k, a in leaves.items()},
+        # Through a JSON round trip, as orbax stores them: tuples become lists, int keys strings.
+        "data": json_digest(json.loads(json.dumps(data))),
+        "meta": json_digest(json.loads(json.dumps(meta))),
+    }
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == hashlib.new(ALGORITHM).digest_size * 2
+
+
+def check_record(record: Any) -> dict:
+    """``record`` if it is a well-formed checksum record; raises IntegrityError saying what is wrong."""
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("algorithm") != ALGORITHM:
+        raise IntegrityError(f"{ITEM}/{FILENAME} is not a format-{FORMAT} {ALGORITHM} checksum record")
+    state = record.get("state")
+    if not isinstance(state, dict) or not state:
+        raise IntegrityError(f"{ITEM}/{FILENAME} lists no state arrays")
+    for key, entry in state.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and _is_digest(entry.get("digest"))
+                and isinstance(entry.get("shape"), list) and all(isinstance(n, int) for n in entry["shape"])):
+            raise IntegrityError(f"{ITEM}/{FILENAME} has a malformed entry for '{key}'")
+    for name in ("data", "meta"):
+        if not _is_digest(record.get(name)):
+            raise IntegrityError(f"{ITEM}/{FILENAME} has no digest for {name}/")
+    return record
+
+
+def _json_file_problem(path: Path, rel: str, *, required: bool = True) -> str | None:
+    """Why a JSON file of a step is unusable (missing, empty, torn), or None."""
+    if not path.is_file():
+        return f"{rel} is missing" if required else None
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{rel} is unreadable ({describe(e)})"
+    if not text.strip():
+        return f"{rel} is empty"
+    try:
+        json.loads(text)
+    except ValueError as e:
+        return f"{rel} is not valid JSON ({e})"
+    return None
+
+
+def lists_integrity(step_dir: Path) -> bool:
+    """Whether the step was saved with checksums (its commit record names the integrity item)."""
+    meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+    handlers = meta.get("item_handlers")
+    return isinstance(handlers, dict) and ITEM in handlers
+
+
+def on_disk_problem(step_dir: Path) -> str | None:
+    """What makes a step directory unusable without reading its arrays, or None."""
+    for name in COMMIT_FILES:
+        if not (step_dir / name).is_file():
+            return f"half-written: no {name}, so the save never committed"
+    try:
+        meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"_CHECKPOINT_METADATA is not valid JSON ({e})"
+    if not isinstance(meta, dict):
+        return "_CHECKPOINT_METADATA is not a JSON object"
+    items = (*ITEMS, ITEM) if lists_integrity(step_dir) else ITEMS
+    for item in items:
+        if not (step_dir / item).is_dir():
+            return f"item directory '{item}' is missing"
+    # orbax's own JSON files: a torn or emptied one fails deep inside its async reads otherwise.
+    state = step_dir / "state"
+    checks = [(state / "_METADATA", "state/_METADATA", True), (state / "_sharding", "state/_sharding", False)]
+    if (state / "array_metadatas").is_dir():
+        checks += [(p, f"state/array_metadatas/{p.name}", True) for p in sorted((state / "array_metadatas").iterdir())]
+    checks += [(step_dir / item / JSON_FILE, f"{item}/{JSON_FILE}", True) for item in JSON_ITEMS]
+    if ITEM in items:
+        checks.append((step_dir / ITEM / FILENAME, f"{ITEM}/{FILENAME}", True))
+    for path, rel, required in checks:
+        if (problem := _json_file_problem(path, rel, required=required)) is not None:
+            return problem
+    return None
+
+
+def _and_more(keys: list[str]) -> str:
+    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+
+def metadata_problem(record: dict, saved_tree: Any) -> str | None:
+    """How orbax's metadata of the stored state disagrees with the checksum record, or None.
+
+    Both were written by the same save, so any difference is corruption of one of them (and not
+    a state that merely differs from the one a caller expects).
+    """
+    import jax
+
+    saved = {leaf_key(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
+    recorded = record["state"]
+    if missing := sorted(recorded.keys() - saved.keys()):
+        return f"the state's metadata lacks '{missing[0]}', which {ITEM}/{FILENAME} lists" + _and_more(missing)
+    if extra := sorted(saved.keys() - recorded.keys()):
+        return f"the state's metadata lists '{extra[0]}', which {ITEM}/{FILENAME} lacks" + _and_more(extra)
+    for key, entry in recorded.items():
+        shape, dtype = getattr(saved[key], "shape", None), getattr(saved[key], "dtype", None)
+        if shape is not None and list(shape) != entry["shape"]:
+            return f"'{key}' has shape {tuple(shape)} in the state's metadata, {tuple(entry['shape'])} in {FILENAME}"
+        if dtype is not None and np.dtype(dtype).name != entry["dtype"]:
+            return f"'{key}' has dtype {np.dtype(dtype).name} in the state's metadata, {entry['dtype']} in {FILENAME}"
+    return None
+
+
+def state_problem(record: dict, restored: Any) -> str | None:
+    """Which restored leaf does not match its recorded digest, or None (``restored``: the stored structure)."""
+    leaves = host_leaves(restored)
+    if leaves.keys() != record["state"].keys():  # the caller checked the structure; this is a guard
+        return f"the restored state's leaves differ from those {ITEM}/{FILENAME} lists"
+    digests = _digests(leaves)
+    bad = [k for k in leaves if digests[k] != record["state"][k]["digest"]]
+    return f"'{bad[0]}' does not match its checksum" + _and_more(bad) if bad else None
+
+
+def json_problem(record: dict, name: str, item: Any) -> str | None:
+    """Whether the restored JSON item ``name`` (``data`` or ``meta``) differs from its recorded digest."""
+    return None if json_digest(item) == record[name] else f"{name}/ does not match its checksum"
