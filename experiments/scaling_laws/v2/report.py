@@ -251,7 +251,13 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
                 f"Observed: best {observed['best_observed_loss']:.4f} ({observed['best_observed_size']}) over"
                 f" {', '.join(observed['sizes'])}; error of the prediction {100 * observed['relative_error']:+.2f}%"
                 f" (target 3%: {'met' if observed['within_target'] else 'NOT met'}); seed spread at"
-                f" the largest seed budget {_last_range(noise)}.")
+                f" the largest seed budget {_last_range(noise)}. The observed best is"
+                f" {'inside' if prediction['L_opt_95'][0] <= observed['best_observed_loss'] <= prediction['L_opt_95'][1] else 'OUTSIDE'}"
+                f" the locked 95% interval; approach 3's locked value misses by"
+                f" {100 * (prediction['approach3']['L_opt'] - observed['best_observed_loss']) / observed['best_observed_loss']:+.2f}%;"
+                f" the best observed size ({observed['best_observed_size']}) is"
+                f" {'inside' if prediction['N_opt_95'][0] <= design.size_plan(observed['best_observed_size'])[0] <= prediction['N_opt_95'][1] else 'OUTSIDE'}"
+                " the locked N_opt interval.")
     lines += ["", "### The three families at equal compute", ""]
     fam = fits.get("families") or {}
     if not fam:
