@@ -30,11 +30,15 @@ def device_memory_bytes() -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
 
 
+def micro_batch_rows(cfg: TrainConfig) -> int:
+    return cfg.run.batch_size // cfg.optimizer.grad_accum_steps
+
+
 def estimate_bytes(cfg: TrainConfig, plan) -> dict[str, int]:
     """Lower bounds, in bytes, of the state and of one micro-batch's activations."""
     m = plan.model
     members = max(1, len(cfg.run.members))
-    rows = cfg.run.batch_size // max(1, cfg.optimizer.grad_accum_steps)
+    rows = micro_batch_rows(cfg)
     length = cfg.data.seq_len
     layers = m.n_layers + (m.decoder_layers if m.family == "encoder_decoder" else 0)
     per_position = layers * m.d_model + m.d_ff + m.n_heads * length + m.vocab_size
@@ -51,7 +55,7 @@ def check_memory(cfg: TrainConfig, plan) -> None:
         raise ConfigError(
             f"this run needs at least {total / GIB:,.1f} GiB ({need['state'] / GIB:,.1f} GiB of parameters, "
             f"gradients and Adam moments for {plan.params.total:,} parameters; {need['activations'] / GIB:,.1f} GiB "
-            f"of activations for {cfg.run.batch_size // max(1, cfg.optimizer.grad_accum_steps)} rows of "
+            f"of activations for {micro_batch_rows(cfg)} rows of "
             f"{cfg.data.seq_len}) but the {what} is {have / GIB:,.1f} GiB: use a smaller model, a smaller "
             "run.batch_size or data.seq_len, or optimizer.grad_accum_steps"
         )

@@ -27,18 +27,16 @@ from archlab.errors import ConfigError
 from archlab.schema import TrainConfig
 
 
-def smallest_budget_tokens(cfg: TrainConfig, vocab_size: int) -> int:
-    """Tokens of the run's smallest budget: its first branch when it has branches."""
+def smallest_budget_tokens(cfg: TrainConfig, plan) -> int:
+    """Tokens of the run's smallest budget (its first branch when it has branches); ``plan`` is the run's."""
     from archlab.train.branches import budget_key
-    from archlab.train.setup import make_plan
 
-    plan = make_plan(cfg, vocab_size)
     if not cfg.run.branches:
         return plan.token_budget
     smallest = float(min(cfg.run.branches))
     if budget_key(cfg) == "tokens":
         return int(smallest)
-    return int(smallest * plan.row_length / plan.flops.train)
+    return int(smallest * plan.row_length / plan.flops.train)  # make_plan's conversion of run.flops
 
 
 def rule_batch(cfg: TrainConfig, tokens: int, row_length: int) -> int:
@@ -60,10 +58,9 @@ def apply_rules(cfg: TrainConfig) -> TrainConfig:
     r = cfg.rules
     if r.name is None or r.applied:
         return cfg
-    vocab_size = cfg.data.vocab_size
-    plan = make_plan(cfg, vocab_size)
+    plan = make_plan(cfg, cfg.data.vocab_size)
     n_params = plan.params.total
-    tokens = smallest_budget_tokens(cfg, vocab_size)
+    tokens = smallest_budget_tokens(cfg, plan)
     batch = rule_batch(cfg, tokens, plan.row_length)
     lr = r.lr * (n_params / r.lr_params) ** r.lr_exponent * (batch / r.lr_batch) ** r.lr_batch_exponent
     warmup = int(min(r.warmup_tokens_per_param * n_params, r.max_warmup_fraction * tokens))
