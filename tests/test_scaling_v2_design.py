@@ -33,3 +33,13 @@ def test_every_point_spent_its_budget_and_has_its_scores():
         assert r["C_total"] <= r["budget_flops"] + r["flops_per_token"] * tokens_per_step
         assert r["C_total"] >= r["budget_flops"] - r["flops_per_token"] * tokens_per_step
         assert math.isfinite(r["val_loss"]) and math.isfinite(r["continuation_bpb"])
+
+
+def test_collecting_one_stage_keeps_the_committed_rows_of_the_others():
+    committed = analyze.read_table(raw=True)
+    new_row = {**next(r for r in committed if r["stage"] == "fit"), "stage": "families", "run": "new"}
+    merged = analyze.merge(committed, [new_row], ["families"])
+    kept = [r for r in committed if r["stage"] != "families"]
+    assert merged[:len(kept)] == kept and merged[len(kept):] == [new_row]
+    # collecting the fit stage replaces the held-out branches its trunks were extended to, too
+    assert all(r["stage"] not in ("fit", "heldout") for r in analyze.merge(committed, [], ["fit"]))

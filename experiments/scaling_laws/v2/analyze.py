@@ -1,6 +1,7 @@
 """Study v2's analysis: from the committed results table to fits.json, the plots and README.md.
 
     python experiments/scaling_laws/v2/analyze.py --collect   # read runs/scaling_v2/* into results.csv first
+    python experiments/scaling_laws/v2/analyze.py --collect --stages families   # only that stage's rows
     python experiments/scaling_laws/v2/analyze.py             # everything from the committed results.csv
     python experiments/scaling_laws/v2/analyze.py --lock      # also write prediction.json (refused if it exists)
 
@@ -30,6 +31,7 @@ FITS = HERE / "fits.json"
 PREDICTION = HERE / "prediction.json"
 PLOTS = HERE / "plots"
 EXTRA = ("stage", "trunk", "b2", "batch_size", "warmup_tokens", "continuation_bpb")
+TABLE_STAGES = ("fit", "heldout", "families")  # calibration has its own table (calibration.csv)
 TEXT_FIELDS = ("experiment", "run", "family", "objective", "size", "data_source", "stage", "trunk")
 
 
@@ -58,10 +60,22 @@ def collect(stages: list[str]) -> list[dict]:
     return rows
 
 
+def merge(committed: list[dict], collected: list[dict], stages: list[str]) -> list[dict]:
+    """The committed table with the rows of ``stages`` replaced by ``collected``.
+
+    A stage's rows are only ever replaced from its own runs, so a machine that holds one stage's run
+    directories (a fresh clone that ran ``ladder.py families``) keeps the committed rows of the others.
+    Collecting the fit stage also yields the held-out branches its trunks were extended to."""
+    replaced = set(stages) | {r["stage"] for r in collected}
+    if "fit" in stages:
+        replaced.add("heldout")
+    return [r for r in committed if r["stage"] not in replaced] + collected
+
+
 def fields() -> tuple[str, ...]:
     from archlab.scaling.records import FIELDS
 
-    return (*FIELDS, *EXTRA)
+    return tuple(dict.fromkeys((*FIELDS, *EXTRA)))  # continuation_bpb is in both
 
 
 def write_table(rows: list[dict]) -> None:
@@ -73,8 +87,11 @@ def write_table(rows: list[dict]) -> None:
         writer.writerows({k: r.get(k, "") for k in fields()} for r in rows)
 
 
-def read_table(path: Path = TABLE) -> list[dict]:
+def read_table(path: Path = TABLE, raw: bool = False) -> list[dict]:
+    """The table's rows, numbers parsed (``raw``: as written, so a merge rewrites them unchanged)."""
     with path.open(newline="") as f:
+        if raw:
+            return list(csv.DictReader(f))
         return [{k: (v if k in TEXT_FIELDS else float(v) if v != "" else math.nan) for k, v in row.items()}
                 for row in csv.DictReader(f)]
 
@@ -195,12 +212,22 @@ def lock_prediction(fits: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--collect", action="store_true", help="rebuild results.csv from runs/scaling_v2 first")
-    parser.add_argument("--stages", default="fit,heldout,families", help="stages --collect reads")
+    parser.add_argument("--stages", help="comma-separated stages --collect reads (default: every stage with a "
+                        "directory under runs/scaling_v2); the committed rows of the other stages are kept")
     parser.add_argument("--lock", action="store_true", help="write prediction.json (refused if it exists)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     args = parser.parse_args(argv)
     if args.collect:
-        write_table(collect(args.stages.split(",")))
+        stages = args.stages.split(",") if args.stages else [s for s in TABLE_STAGES if (ladder.RUNS / s).is_dir()]
+        unknown = [s for s in stages if s not in TABLE_STAGES]
+        missing = [s for s in stages if s not in unknown and not (ladder.RUNS / s).is_dir()]
+        if unknown or missing or not stages:
+            problem = (f"unknown stage(s) {unknown}; choose from {list(TABLE_STAGES)}" if unknown else
+                       f"no run directory for stage(s) {missing} under {ladder.RUNS}" if missing else
+                       f"nothing to collect: no stage directory under {ladder.RUNS}")
+            raise SystemExit(f"error: --collect: {problem}")
+        committed = read_table(raw=True) if TABLE.is_file() else []
+        write_table(merge(committed, collect(stages), stages))
     rows = read_table()
     fits = analyse(rows, args.resamples)
     if args.lock:
