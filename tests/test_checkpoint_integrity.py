@@ -99,8 +99,16 @@ def _swap_in_other_arrays(tmp_path: Path) -> None:
     """Step 2's array files replaced by those of another step of the same shapes: orbax reads them fine."""
     with Checkpointer(tmp_path / "other", async_save=False) as other:
         other.save(2, _state(7), data=_data(2), meta=_meta(2))
+    marker = (tmp_path / "ckpt/2/state/commit_success.txt").read_text()  # names this step's save, so it stays
     shutil.rmtree(tmp_path / "ckpt" / "2" / "state")
     shutil.copytree(tmp_path / "other" / "2" / "state", tmp_path / "ckpt" / "2" / "state")
+    (tmp_path / "ckpt/2/state/commit_success.txt").write_text(marker)
+
+
+def _edit_json(path: Path, edit) -> None:
+    item = json.loads(path.read_text())
+    edit(item)
+    path.write_text(json.dumps(item))
 
 
 CORRUPTIONS = {
@@ -116,6 +124,16 @@ CORRUPTIONS = {
     "empty_array_metadata": (lambda t: (t / "ckpt/2/state/array_metadatas/process_0").write_text(""),
                              "state/array_metadatas/process_0 is empty"),
     "no_data_file": (lambda t: (t / "ckpt/2/data/metadata").unlink(), "data/metadata is missing"),
+    # orbax reads neither a marker's text nor the handler names, so only the cross-checks can notice these
+    "edited_item_marker": (lambda t: (t / "ckpt/2/meta/commit_success.txt").write_text("Checkpoint commit"),
+                           "meta/commit_success.txt does not match the step's commit_success.txt"),
+    "no_item_marker": (lambda t: (t / "ckpt/2/data/commit_success.txt").unlink(), "data/commit_success.txt is missing"),
+    "renamed_handler": (lambda t: _edit_json(t / "ckpt/2/_CHECKPOINT_METADATA", lambda m: m["item_handlers"].update(
+        state=m["item_handlers"]["state"].replace("Standard", "Ttandard"))),
+                        "_CHECKPOINT_METADATA lists item handlers"),
+    "unlisted_integrity": (lambda t: _edit_json(t / "ckpt/2/_CHECKPOINT_METADATA",
+                                                lambda m: m["item_handlers"].pop("integrity")),
+                           "_CHECKPOINT_METADATA does not list the 'integrity' item the step holds"),
 }
 
 

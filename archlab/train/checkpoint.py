@@ -247,15 +247,17 @@ class Checkpointer:
             raise CheckpointError(f"keep_set_aside must be at least 0, got {keep_set_aside}.")
         self.directory = Path(directory).expanduser().absolute()
         self.keep_set_aside = keep_set_aside
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(filename=JSON_FILE),
+            "meta": ocp.JsonCheckpointHandler(filename=JSON_FILE),
+            integrity.ITEM: ocp.JsonCheckpointHandler(filename=integrity.FILENAME),
+        }
+        self._handler_names = {item: h.typestr() for item, h in handlers.items()}
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save),
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(filename=JSON_FILE),
-                "meta": ocp.JsonCheckpointHandler(filename=JSON_FILE),
-                integrity.ITEM: ocp.JsonCheckpointHandler(filename=integrity.FILENAME),
-            },
+            item_handlers=handlers,
         )
         self._unusable: set[int] = set()  # committed steps this object failed to restore
         self._closed = False
@@ -310,7 +312,7 @@ class Checkpointer:
                 )
                 return False
 
-        record = integrity.make_record(state, data, meta)
+        record = integrity.make_record(state, data, meta, self._handler_names)
         self._set_aside_unfinished(step)
         self._manager.save(
             step,
@@ -443,6 +445,8 @@ class Checkpointer:
                     json.loads((step_dir / integrity.ITEM / integrity.FILENAME).read_text()))
             except IntegrityError as e:
                 raise _Unusable(str(e)) from None
+            if (problem := integrity.commit_record_problem(record, step_dir)) is not None:
+                raise _Unusable(problem)
         try:
             saved = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
         except Exception as e:  # noqa: BLE001 - whatever orbax raises on unreadable metadata

@@ -37,7 +37,9 @@ JSON_FILE = "metadata"  # the file orbax's JsonCheckpointHandler writes in data/
 ITEM = "integrity"
 FILENAME = "checksums.json"
 # Both are written by orbax 0.12 before the rename that commits a step.
-COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+MARKER = "commit_success.txt"
+COMMIT_FILES = ("_CHECKPOINT_METADATA", MARKER)
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax 0.12's suffix of a step being written
 FORMAT = 1
 ALGORITHM = "sha256"
 # hashlib releases the GIL on large buffers, so a few threads hash a large state several times faster.
@@ -84,13 +86,18 @@ def _digests(leaves: dict[str, np.ndarray]) -> dict[str, str]:
         return dict(zip(leaves, pool.map(array_digest, leaves.values())))
 
 
-def make_record(state: Any, data: Any, meta: Any) -> dict:
-    """The checksum record of a step about to be saved (``data`` and ``meta`` must be JSON-serialisable)."""
+def make_record(state: Any, data: Any, meta: Any, handlers: dict[str, str]) -> dict:
+    """The checksum record of a step about to be saved (``data`` and ``meta`` must be JSON-serialisable).
+
+    ``handlers`` (item -> orbax handler type name) is what orbax will write into the step's
+    ``_CHECKPOINT_METADATA``; recording it here lets a damaged commit record be told apart.
+    """
     leaves = host_leaves(state)
     digests = _digests(leaves)
     return {
         "format": FORMAT,
         "algorithm": ALGORITHM,
+        "handlers": dict(handlers),
         "state": {k: {"dtype": a.dtype.name, "shape": list(a.shape), "digest": digests[k]} for k, a in leaves.items()},
         # Through a JSON round trip, as orbax stores them: tuples become lists, int keys strings.
         "data": json_digest(json.loads(json.dumps(data))),
@@ -116,7 +123,20 @@ def check_record(record: Any) -> dict:
     for name in ("data", "meta"):
         if not _is_digest(record.get(name)):
             raise IntegrityError(f"{ITEM}/{FILENAME} has no digest for {name}/")
+    handlers = record.get("handlers")  # absent in records written before it was added
+    if handlers is not None and not (isinstance(handlers, dict) and all(isinstance(v, str) for v in handlers.values())):
+        raise IntegrityError(f"{ITEM}/{FILENAME} has a malformed handler list")
     return record
+
+
+def commit_record_problem(record: dict, step_dir: Path) -> str | None:
+    """How the step's ``_CHECKPOINT_METADATA`` disagrees with the handlers the checksum record lists, or None."""
+    if (recorded := record.get("handlers")) is None:
+        return None
+    listed = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text()).get("item_handlers")
+    if listed != recorded:
+        return f"_CHECKPOINT_METADATA lists item handlers {listed!r}, {ITEM}/{FILENAME} recorded {recorded!r}"
+    return None
 
 
 def _json_file_problem(path: Path, rel: str, *, required: bool = True) -> str | None:
@@ -143,6 +163,46 @@ def lists_integrity(step_dir: Path) -> bool:
     return isinstance(handlers, dict) and ITEM in handlers
 
 
+def _commit_metadata_problem(meta: Any, step_dir: Path) -> str | None:
+    """What is wrong with the parsed ``_CHECKPOINT_METADATA`` on its own, or None."""
+    if not isinstance(meta, dict):
+        return "_CHECKPOINT_METADATA is not a JSON object"
+    handlers = meta.get("item_handlers")
+    if not isinstance(handlers, dict) or not set(ITEMS) <= handlers.keys():
+        return f"_CHECKPOINT_METADATA does not list the items {', '.join(ITEMS)}"
+    if ITEM not in handlers and (step_dir / ITEM).is_dir():
+        # a step saved without checksums has no integrity/ directory: one that has it lost its listing
+        return f"_CHECKPOINT_METADATA does not list the '{ITEM}' item the step holds"
+    init, commit = meta.get("init_timestamp_nsecs"), meta.get("commit_timestamp_nsecs")
+    if not (type(init) is int and type(commit) is int and 0 < init <= commit):
+        return "_CHECKPOINT_METADATA has no valid save and commit times"
+    return None
+
+
+def _markers_problem(step_dir: Path, items: tuple[str, ...]) -> str | None:
+    """Whether orbax's commit markers (one for the step, one per item) all name the same save.
+
+    Their text is ``<message> <path>``: the step's names its final directory, an item's the
+    temporary directory the step was written in, plus the item. One damaged marker disagrees
+    with the others, so any change to any of them is caught without knowing where the run was.
+    """
+    texts = {}
+    for rel in (MARKER, *(f"{item}/{MARKER}" for item in items)):
+        try:
+            texts[rel] = (step_dir / rel).read_text()
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        except (OSError, UnicodeDecodeError) as e:
+            return f"{rel} is unreadable ({describe(e)})"
+    top = texts[MARKER]
+    if "/" not in top or not top.rsplit("/", 1)[1].isdigit():
+        return f"{MARKER} does not name a step directory"
+    for item in items:
+        if texts[f"{item}/{MARKER}"] not in (f"{top}{TMP_SUFFIX}/{item}", f"{top}/{item}"):
+            return f"{item}/{MARKER} does not match the step's {MARKER}"
+    return None
+
+
 def on_disk_problem(step_dir: Path) -> str | None:
     """What makes a step directory unusable without reading its arrays, or None."""
     for name in COMMIT_FILES:
@@ -152,12 +212,16 @@ def on_disk_problem(step_dir: Path) -> str | None:
         meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return f"_CHECKPOINT_METADATA is not valid JSON ({e})"
-    if not isinstance(meta, dict):
-        return "_CHECKPOINT_METADATA is not a JSON object"
-    items = (*ITEMS, ITEM) if lists_integrity(step_dir) else ITEMS
+    if (problem := _commit_metadata_problem(meta, step_dir)) is not None:
+        return problem
+    with_checksums = ITEM in meta["item_handlers"]
+    items = (*ITEMS, ITEM) if with_checksums else ITEMS
     for item in items:
         if not (step_dir / item).is_dir():
             return f"item directory '{item}' is missing"
+    # Only steps saved with checksums are held to the marker layout of the orbax they were saved with.
+    if with_checksums and (problem := _markers_problem(step_dir, items)) is not None:
+        return problem
     # orbax's own JSON files: a torn or emptied one fails deep inside its async reads otherwise.
     state = step_dir / "state"
     checks = [(state / "_METADATA", "state/_METADATA", True), (state / "_sharding", "state/_sharding", False)]
