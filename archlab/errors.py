@@ -27,3 +27,7 @@ class CorruptCheckpointError(CheckpointError):
 
 class ConversionError(ArchlabError):
     """A Hugging Face model directory that cannot be converted."""
+
+
+class NonFiniteError(ArchlabError):
+    """The loss or gradients became NaN/Inf (``run.on_nonfinite=stop``, or too many skips in a row)."""

@@ -6,15 +6,19 @@ directory, one step directory, or a sweep directory holding many runs.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import tempfile
+import time
 from pathlib import Path
 
 from archlab.errors import CheckpointError, CorruptCheckpointError
 from archlab.schema import EvalConfig
 from archlab.tokens import SPECIAL
 from archlab.train.checkpoint import Checkpointer
-from archlab.train.run_dir import CONFIG_FILE
+from archlab.train.run_dir import CONFIG_FILE, under_restarted
 from archlab.train.tracking import Tracker
 from archlab.trainer import Trainer, config_dict, load_run_config
 
@@ -36,7 +40,8 @@ def find_runs(path: Path) -> tuple[list[Path], int | None]:
     if (path / CONFIG_FILE).is_file():
         runs = [path]
     else:
-        runs = sorted(p.parent for p in path.rglob(CONFIG_FILE) if (p.parent / "checkpoints").is_dir())
+        runs = sorted(p.parent for p in path.rglob(CONFIG_FILE)
+                      if (p.parent / "checkpoints").is_dir() and not under_restarted(p.parent, path))
     runs = [r for r in runs if Checkpointer(r / "checkpoints", async_save=False).latest_step() is not None]
     if not runs:
         raise CheckpointError(f"no checkpoints in {path}")
@@ -72,7 +77,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
             group=cfg.logger.group or train_cfg.logger.group or train_cfg.experiment, name=f"{train_cfg.run.name}-eval",
             tags=[plan.model.family, train_cfg.objective.name, train_cfg.size_name], job_type="eval",
             config={"checkpoint": str(run_dir), "train": config_dict(train_cfg)},
-            mode=cfg.logger.mode, entity=cfg.logger.entity,
+            mode=cfg.logger.mode, entity=cfg.logger.entity, online_timeout=cfg.logger.online_timeout,
         )
 
     results, tracker = [], None
@@ -90,7 +95,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
                   "objective": train_cfg.objective.name, **metrics}
         if cfg.samples and plan.model.family != "encoder_only":
             result["samples"] = sample_continuations(trainer.model, trainer.tokenizer, cfg.samples, cfg.max_new_tokens)
-        tracker.log({**metrics, "tokens": step_k * plan.tokens_per_step}, step_k)
+        tracker.log({**metrics, "tokens": step_k * plan.tokens_per_step}, step_k, replace=True)
         _print_result(result)
         _record(run_dir, result)
         results.append(result)
@@ -124,10 +129,36 @@ def _print_result(result: dict) -> None:
 
 
 def _record(run_dir: Path, result: dict) -> None:
-    """``eval.json`` keeps one entry per evaluated step (re-evaluating a step replaces its entry)."""
+    """``eval.json`` keeps one entry per evaluated step (re-evaluating a step replaces its entry).
+
+    Read, changed and replaced under ``eval.json.lock`` (``flock``: evaluations of one run at the
+    same time wait for each other, and a killed one releases it), through a temporary file of this
+    writer's own, so the file is always whole. A damaged ``eval.json`` is moved aside, not lost.
+    """
     path = run_dir / EVAL_FILE
-    entries = json.loads(path.read_text()) if path.is_file() else {}
-    entries[str(result["step"])] = result
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, indent=2))
-    tmp.replace(path)
+    with open(path.with_name(f"{EVAL_FILE}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = _read_entries(path)
+        entries[str(result["step"])] = result
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{EVAL_FILE}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(entries, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def _read_entries(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_bytes().decode("utf-8"))
+        if isinstance(entries, dict):
+            return entries
+        problem = "not a JSON object"
+    except ValueError as error:
+        problem = " ".join(str(error).split())[:120]
+    moved = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
+    path.rename(moved)
+    log.warning("%s is damaged (%s); moved to %s, a new one is started", path, problem, moved.name)
+    return {}

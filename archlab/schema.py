@@ -136,6 +136,13 @@ class RunConfig:
     log_every: int = _help(10, "train metrics every N steps")
     stop_at_step: Optional[int] = _help(None, "checkpoint and exit after this step (time-limited jobs); rerun to continue")
     on_nonfinite: str = _help("stop", "non-finite loss or gradients: stop | skip the update")
+    max_skips_in_a_row: int = _help(10, (
+        "under run.on_nonfinite=skip: stop (keeping the last good checkpoint) after this many skipped updates "
+        "in a row; each skip is warned about"))
+    restart: bool = _help(False, (
+        "start this run over in place: the run directory's old contents are moved, whole, to "
+        "<run dir>.restarted-<ns> beside it (never deleted), then the run starts from step 0 with this config; "
+        "every launch with it starts over, so drop it to resume"))
     inject_nan_at_step: Optional[int] = _help(
         None, "debugging: make this step's loss or gradients NaN (tests run.on_nonfinite); null: off"
     )
@@ -155,6 +162,7 @@ class RunConfig:
             checkpoint_every=AT_LEAST_ONE, keep_checkpoints=AT_LEAST_ONE, keep_set_aside=NON_NEGATIVE,
             log_every=AT_LEAST_ONE,
             stop_at_step=AT_LEAST_ONE, inject_nan_at_step=AT_LEAST_ONE, samples=NON_NEGATIVE,
+            max_skips_in_a_row=AT_LEAST_ONE,
         )
 
 
@@ -200,8 +208,11 @@ class LoggerConfig:
     mode: str = _help("offline", "offline (default, no account needed) | online | disabled")
     group: Optional[str] = _help(None, "W&B group; default: the experiment or sweep name")
     tags: List[str] = field(default_factory=list, metadata={"help": "extra W&B tags"})
+    online_timeout: float = _help(30.0, (
+        "seconds an online W&B start may take (server unreachable, say) before the run logs offline instead"))
 
     def __post_init__(self) -> None:
+        check_fields("logger", self, online_timeout=POSITIVE)
         if self.backend not in LOGGER_BACKENDS:
             raise ConfigError(f"logger.backend={self.backend!r} is not one of wandb, none")
         if self.mode not in WANDB_MODES:

@@ -168,7 +168,8 @@ def test_nonfinite_stop_names_step_and_quantity_and_keeps_last_checkpoint(tmp_pa
         assert bad.returncode == 2, bad.stderr[-3000:]
         assert bad.stderr.strip().splitlines() == [
             f"archlab-train: error: non-finite {what} at step {step}; stopped without checkpointing "
-            "(the last good checkpoint, step 4, is kept; run.on_nonfinite=skip skips such updates)"
+            "(the last good checkpoint, step 4, is kept; run.on_nonfinite=skip skips such updates; to retry with a "
+            "changed config, start over in place with run.restart=true)"
         ]
         assert max(train_losses(run_dir)) == step - 1
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from archlab.errors import CheckpointError, ConfigError
+from archlab.train.run_dir import under_restarted
 
 FIELDS = (
     "experiment", "run", "family", "objective", "size", "seed", "budget_flops",
@@ -32,7 +33,8 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         if not path.exists():
             raise ConfigError(f"no such directory: {path}")
-        candidates = [path] if (path / "config.yaml").is_file() else [p.parent for p in path.rglob("config.yaml")]
+        candidates = [path] if (path / "config.yaml").is_file() else [
+            p.parent for p in path.rglob("config.yaml") if not under_restarted(p.parent, path)]
         found.update(c for c in candidates if (c / "summary.json").is_file())
     return sorted(found)
 

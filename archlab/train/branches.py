@@ -126,13 +126,20 @@ def run_branch(trainer, branch: Branch, data_state: dict, run_dir: Path, val_bat
     import jax
     import jax.numpy as jnp
 
+    from archlab.train.skips import SkipWatch
+
     record = BranchRecord(trainer, branch, run_dir)
     state = jax.tree.map(jnp.copy, trainer.state)  # the trunk goes on from its own buffers
     data = trainer.iterator()
     data.set_state(data_state)
     points = jnp.asarray(branch.points, jnp.float32)
+    run = branch.cfg.run
+    skips = (SkipWatch(run.max_skips_in_a_row, int(state.skipped), [branch.name])
+             if run.on_nonfinite == "skip" else None)
     for step in range(branch.fork_step + 1, branch.total_steps + 1):
         state, metrics = trainer.train_step(state, trainer.device_batch(next(data)), points)
+        if skips is not None:
+            skips.after(step, int(state.skipped))
         record.log_step(step, metrics)
     return record.finish(state, data, trainer.evaluate(val_batches, params=state.params))
 

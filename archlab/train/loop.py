@@ -13,20 +13,17 @@ import jax
 import jax.numpy as jnp
 
 from archlab.accounting import device_peak_flops
-from archlab.errors import ArchlabError
+from archlab.errors import NonFiniteError
 from archlab.schema import TrainConfig
 from archlab.train import branches, run_dir as run_files
 from archlab.train.checkpoint import Checkpointer, committed_steps, set_aside_dirs
 from archlab.train.metrics import progress_bar
+from archlab.train.skips import SkipWatch
 from archlab.train.state import TrainState, to_checkpoint
 from archlab.train.step import NONFINITE_KINDS
 from archlab.train.tracking import Tracker, new_run_id
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(ArchlabError):
-    """The loss or gradients became NaN/Inf under ``run.on_nonfinite=stop``."""
 
 
 class StopRequested:
@@ -75,11 +72,16 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
 
         return train_members(cfg, run_dir)
     recorded = config_dict(cfg)
-    run_files.check_resumable(run_dir, recorded)  # refused before any data is read
-    trainer = Trainer(cfg, tokenizer_file=run_files.saved_tokenizer(run_dir))
+    restart = cfg.run.restart and run_dir.is_dir() and any(run_dir.iterdir())
+    if not restart:
+        run_files.check_resumable(run_dir, recorded)  # refused before any data is read
+    trainer = Trainer(cfg, tokenizer_file=None if restart else run_files.saved_tokenizer(run_dir))
     # Before anything is written: an extended trunk's new branches must fork after its newest step.
-    branches.check_reachable(trainer.branches, run_dir, max(committed_steps(run_dir / "checkpoints"), default=0))
+    newest = 0 if restart else max(committed_steps(run_dir / "checkpoints"), default=0)
+    branches.check_reachable(trainer.branches, run_dir, newest)
     val_batches = trainer.validation_batches()
+    if restart:  # every check passed and the data is read: only now is the old run moved aside
+        run_files.restart_in_place(run_dir)
     with run_files.RunLock(run_dir), run_files.log_to_file(run_dir):
         run_files.write_once(run_dir, recorded, trainer.corpus.tokenizer)
         with StopRequested() as stop:
@@ -120,6 +122,7 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
         job_type="train", config={**recorded, "derived": derived}, mode=cfg.logger.mode,
         # Rows after the resumed step (all rows, from step 0) are a killed run's tail: dropped.
         run_id=run_id, resume_step=start_step, entity=cfg.logger.entity,
+        online_timeout=cfg.logger.online_timeout,
     )
     try:
         return _steps(trainer, _Run(run_dir, data, val_batches, checkpoints, tracker, stop, derived, start_step))
@@ -181,8 +184,12 @@ def _steps(trainer, run: _Run) -> dict:
     fork(start_step)
     window_start = time.perf_counter()
     bar = progress_bar(cfg.run.progress, start_step, plan.total_steps)
+    skips = (SkipWatch(cfg.run.max_skips_in_a_row, int(trainer.state.skipped))
+             if cfg.run.on_nonfinite == "skip" else None)
     for step in range(start_step + 1, plan.total_steps + 1):
         metrics = trainer.step(next(run.data))
+        if skips is not None:
+            skips.after(step, int(trainer.state.skipped), checkpoints.latest_step)
         if step % cfg.run.log_every == 0 or step == plan.total_steps:
             _raise_if_nonfinite(trainer.state, cfg, checkpoints)
             elapsed = time.perf_counter() - window_start
@@ -235,5 +242,6 @@ def _raise_if_nonfinite(state: TrainState, cfg: TrainConfig, checkpoints: Checkp
         last = f"the last good checkpoint, step {kept}, is kept" if kept is not None else "no checkpoint was written"
         raise NonFiniteError(
             f"non-finite {what} at step {bad_step + 1}; stopped without checkpointing "
-            f"({last}; run.on_nonfinite=skip skips such updates)"
+            f"({last}; run.on_nonfinite=skip skips such updates; to retry with a changed config, "
+            f"start over in place with run.restart=true)"
         )

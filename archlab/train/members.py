@@ -128,15 +128,20 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
     from archlab.train.checkpoint import Checkpointer, restore_together, set_aside_dirs
     from archlab.train.loop import StopRequested
     from archlab.train.metrics import progress_bar
+    from archlab.train.skips import SkipWatch
     from archlab.train.state import from_checkpoint, to_checkpoint, abstract_like
     from archlab.train.tracking import Tracker
     from archlab.trainer import config_dict
 
     recorded = config_dict(cfg)
-    run_files.check_resumable(run_dir, recorded)
-    for member in member_configs(cfg):
-        run_files.check_resumable(Path(run_dir) / MEMBERS_DIR / member.run.name, config_dict(member))
-    pack = Pack(cfg, run_dir, run_files.saved_tokenizer(run_dir))
+    restart = cfg.run.restart and run_dir.is_dir() and any(run_dir.iterdir())
+    if not restart:
+        run_files.check_resumable(run_dir, recorded)
+        for member in member_configs(cfg):
+            run_files.check_resumable(Path(run_dir) / MEMBERS_DIR / member.run.name, config_dict(member))
+    pack = Pack(cfg, run_dir, None if restart else run_files.saved_tokenizer(run_dir))
+    if restart:  # after every check and the data: only now is the old run moved aside
+        run_files.restart_in_place(run_dir)
     plan, total = pack.plan, pack.plan.total_steps
     with run_files.RunLock(run_dir), run_files.log_to_file(run_dir), StopRequested() as stop:
         run_files.write_once(run_dir, recorded, pack.corpus.tokenizer)
@@ -160,7 +165,7 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
                             group=cfg.logger.group or cfg.experiment, name=c.run.name,
                             tags=[plan.model.family, cfg.objective.name, cfg.size_name, "member", *cfg.logger.tags],
                             job_type="train", config=config_dict(c), mode=cfg.logger.mode, resume_step=start,
-                            entity=cfg.logger.entity)
+                            entity=cfg.logger.entity, online_timeout=cfg.logger.online_timeout)
                     for c, d in zip(pack.cfgs, pack.dirs)]
         derived = {**plan.derived(), "unigram_entropy_nats": pack.corpus.unigram_entropy_nats,
                    "bytes_per_token_validation": pack.corpus.bytes_per_token_validation, "members": len(pack.cfgs)}
@@ -186,8 +191,12 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
         fork(start)
         bar = progress_bar(cfg.run.progress, start, total)
         window, stopped = time.perf_counter(), False
+        skips = (SkipWatch(cfg.run.max_skips_in_a_row, jax.device_get(pack.state.skipped),
+                           [c.run.name for c in pack.cfgs]) if cfg.run.on_nonfinite == "skip" else None)
         for step in range(start + 1, total + 1):
             metrics = pack.step()
+            if skips is not None:
+                skips.after(step, jax.device_get(pack.state.skipped), checkpointers[0].latest_step)
             if step % cfg.run.log_every == 0 or step == total:
                 loss, norm = jax.device_get((metrics["loss"], metrics["grad_norm"]))
                 elapsed = time.perf_counter() - window
@@ -229,6 +238,7 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
 def run_packed_branch(pack: Pack, index: int) -> None:
     """Branch ``index`` of every member at once: one vmapped cooldown from a copy of the packed trunk."""
     from archlab.train.branches import BranchRecord
+    from archlab.train.skips import SkipWatch
 
     due = [t.branches[index] for t in pack.trainers]
     records = [BranchRecord(t, b, d) for t, b, d in zip(pack.trainers, due, pack.dirs)]
@@ -238,8 +248,13 @@ def run_packed_branch(pack: Pack, index: int) -> None:
         iterators.append(trainer.iterator())
         iterators[-1].set_state(trunk_iterator.get_state())
     points = jnp.stack([jnp.asarray(b.points, jnp.float32) for b in due])
+    run = due[0].cfg.run
+    skips = (SkipWatch(run.max_skips_in_a_row, jax.device_get(state.skipped), [b.cfg.run.name for b in due])
+             if run.on_nonfinite == "skip" else None)
     for step in range(due[0].fork_step + 1, due[0].total_steps + 1):
         state, metrics = pack.train_step(state, pack.device_batch([next(it) for it in iterators]), points)
+        if skips is not None:
+            skips.after(step, jax.device_get(state.skipped))
         if step % due[0].cfg.run.log_every == 0 or step == due[0].total_steps:
             metrics = jax.device_get(metrics)
             for i, record in enumerate(records):

@@ -16,6 +16,8 @@ import yaml
 from archlab.config import resolve_auto_values
 from archlab.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 LOCK_FILE = ".lock"
@@ -91,15 +93,60 @@ def check_resumable(run_dir: Path, resolved: dict) -> bool:
     saved_path = Path(run_dir) / CONFIG_FILE
     if not saved_path.is_file():
         return False
-    saved = yaml.safe_load(saved_path.read_text())
+    saved = read_saved_config(saved_path)
     difference = _first_difference(identity(saved), identity(resolved))
     if not difference:
         return False
     if _extends_trunk(saved, resolved):
         return True
     raise ConfigError(
-        f"run directory {run_dir} holds a different run ({difference}); choose another run.name or run.dir"
+        f"run directory {run_dir} holds a different run ({difference}); choose another run.name or run.dir, "
+        f"or start it over with run.restart=true (the old contents are kept beside it)"
     )
+
+
+RESTARTED_NOTE = "restarted.json"
+_RESTARTED_NAME = re.compile(r".+\.restarted-\d+")
+
+
+def under_restarted(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies in a run moved aside by ``run.restart`` below ``root`` (searches skip those)."""
+    return any(_RESTARTED_NAME.fullmatch(part) for part in Path(path).relative_to(root).parts)
+
+
+def restart_in_place(run_dir: Path, reason: str = "run.restart=true") -> Path | None:
+    """Move ``run_dir``, whole, to ``<run_dir>.restarted-<ns>`` beside it so the run can start over.
+
+    Refused while another archlab-train holds the directory. Returns where the old contents went
+    (None: nothing to move). The moved directory holds ``restarted.json``: when, why, and from where.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    target = run_dir.with_name(f"{run_dir.name}.restarted-{time.time_ns()}")
+    with RunLock(run_dir):  # the lock file moves with the directory; the flock stays on it
+        run_dir.rename(target)
+    note = {"was": str(run_dir), "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        (target / RESTARTED_NOTE).write_text(yaml.safe_dump(note, sort_keys=False))
+    except OSError as error:  # the rename is what keeps the data; the note only explains it
+        log.warning("could not write %s in %s (%s)", RESTARTED_NOTE, target, error)
+    log.warning("run.restart: moved the old contents of %s to %s; starting over",
+                                        run_dir, target)
+    return target
+
+
+def read_saved_config(path: Path) -> dict:
+    """A saved ``config.yaml`` as a mapping; a damaged one is refused with the file named."""
+    try:
+        saved = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path} is unreadable ({' '.join(str(error).split())[:200]}); fix it, or start the "
+                          "run over with run.restart=true (the old contents are kept beside it)") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} does not hold a config mapping; fix it, or start the run over with "
+                          "run.restart=true (the old contents are kept beside it)")
+    return saved
 
 
 def _extends_trunk(saved: dict, new: dict) -> bool:

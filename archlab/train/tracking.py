@@ -21,8 +21,10 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import string
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,29 +65,84 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _keep_damaged(path: Path) -> Path:
+    """Copy a damaged file to ``<name>.damaged-<ns>`` beside it before it is rewritten (nothing is lost)."""
+    copy = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
+    shutil.copy2(path, copy)
+    return copy
+
+
 def trim_metrics_file(path: Path, resume_step: int) -> int:
     """Drop rows with ``step > resume_step`` (and torn lines) left by a crashed run; return how many.
 
-    The file is rewritten atomically and only when something is dropped.
+    A killed run may leave its last line torn: dropped quietly. Damage anywhere else (a line that is
+    not a JSON row, bytes that are not UTF-8) never blocks the resume either: the bad lines are
+    dropped with a warning naming the file and how many rows were lost, after the file as it was is
+    copied to ``metrics.jsonl.damaged-<ns>``. The file is rewritten atomically, only when needed.
     """
     if not path.exists():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
+    lines = path.read_bytes().split(b"\n")
+    torn_tail = lines[-1] != b""  # a complete file ends with a newline
+    kept, dropped, damaged = [], 0, 0
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(raw.decode("utf-8"))
+            step = row.get("step") if isinstance(row, dict) else None
+            if not isinstance(step, (int, float)) or isinstance(step, bool):
+                raise ValueError("not a metrics row")
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             dropped += 1
+            damaged += not (torn_tail and i == len(lines) - 1)
             continue
-        if isinstance(row.get("step"), (int, float)) and row["step"] > resume_step:
+        if step > resume_step:
             dropped += 1
         else:
-            kept.append(line)
+            kept.append(raw.decode("utf-8"))
+    if damaged:
+        copy = _keep_damaged(path)
+        log.warning("%s: %d damaged line(s) dropped (rows lost); the file as it was is kept as %s",
+                    path, damaged, copy.name)
     if dropped:
         _write_atomic(path, "".join(f"{line}\n" for line in kept))
     return dropped
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """``summary.json``'s values; a damaged one is moved to ``summary.json.damaged-<ns>`` with a warning and
+    rebuilt from ``metrics.jsonl`` beside it (each metric's last value), rather than blocking a resume."""
+    if not path.exists():
+        return {}
+    try:
+        values = json.loads(path.read_bytes().decode("utf-8"))
+        if isinstance(values, dict):
+            return values
+        problem = "not a JSON object"
+    except ValueError as error:
+        problem = " ".join(str(error).split())[:120]
+    moved = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
+    path.rename(moved)
+    rebuilt = last_values(path.with_name(METRICS_FILE))
+    log.warning("%s is damaged (%s); moved to %s and rebuilt from %s (%d values)", path, problem, moved.name,
+                METRICS_FILE, len(rebuilt))
+    return rebuilt
+
+
+def last_values(metrics_path: Path) -> dict[str, Any]:
+    """Each metric's last value in a ``metrics.jsonl`` (unreadable lines skipped), with ``step``."""
+    values: dict[str, Any] = {}
+    if not metrics_path.is_file():
+        return values
+    for raw in metrics_path.read_bytes().splitlines():
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            values.update(row)
+    return values
 
 
 def new_run_id(length: int = 8) -> str:
@@ -137,6 +194,7 @@ class Tracker:
         run_id: str | None = None,
         resume_step: int | None = None,
         entity: str | None = None,
+        online_timeout: float = 30.0,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"tracking backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
@@ -153,13 +211,14 @@ class Tracker:
                 log.info("dropped %d rows after step %d from %s", dropped, resume_step, metrics_path)
         self._metrics = metrics_path.open("a")
         summary_path = self.run_dir / SUMMARY_FILE
-        self._summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        self._summary: dict[str, Any] = read_summary(summary_path)
         self._last_step = resume_step or 0
         self._finished = False
 
         self._run = None
         self._run_id: str | None = None
         self._wandb_mode: str | None = None
+        self._online_timeout = online_timeout
         if wandb_mode != "disabled":
             init_kwargs = dict(
                 entity=entity,
@@ -187,23 +246,38 @@ class Tracker:
                 log.warning("W&B disabled, metrics go to %s only: %s: %s",
                             self._metrics.name, type(first).__name__, first)
                 return
-            try:
-                self._run = self._init(init_kwargs, "offline", run_id, resume)
-            except Exception as second:
-                log.warning("W&B disabled, metrics go to %s only: online init failed (%s: %s), "
-                            "then offline init failed (%s: %s)", self._metrics.name,
-                            type(first).__name__, first, type(second).__name__, second)
+            self._run = self._init_offline(init_kwargs, run_id, resume, first)
+            if self._run is None:
                 return
-            log.warning("W&B online init failed (%s: %s); logging offline to %s — upload it later "
-                        "with `wandb sync`", type(first).__name__, first, Path(self._run.dir).parent)
             mode = "offline"
         self._run_id = self._run.id
         self._wandb_mode = mode
+
+    def _init_offline(self, init_kwargs: dict, run_id: str, resume: str | None, online_error: Exception):
+        """The offline fallback of a failed online start: the same run id, or (when this process's failed
+        online attempt still holds that id) a fresh one, which later resumes then continue."""
+        failures = []
+        for attempt_id, attempt_resume in ((run_id, resume), (new_run_id(), None)):
+            try:
+                run = self._init(init_kwargs, "offline", attempt_id, attempt_resume)
+            except Exception as error:
+                failures.append(f"{type(error).__name__}: {' '.join(str(error).split())[:200]}")
+                continue
+            renamed = "" if attempt_id == run_id else f" under a new id {attempt_id} ({run_id} was taken)"
+            log.warning("W&B online init failed (%s: %s); logging offline%s to %s; upload it later with "
+                        "`wandb sync`", type(online_error).__name__, " ".join(str(online_error).split())[:200],
+                        renamed, Path(run.dir).parent)
+            return run
+        log.warning("W&B disabled, metrics go to %s only: online init failed (%s: %s), then offline init "
+                    "failed (%s)", self._metrics.name, type(online_error).__name__,
+                    " ".join(str(online_error).split())[:200], "; then ".join(failures))
+        return None
 
     def _init(self, init_kwargs: dict, mode: str, run_id: str, resume: str | None):
         import wandb
 
         settings = wandb.Settings(
+            init_timeout=self._online_timeout,  # an unreachable server costs this long, then offline
             silent=True,
             console="off",  # leave stdout/stderr (progress bars) alone
             x_disable_stats=True,  # no system-metrics sampler; throughput and MFU are logged by us
@@ -248,8 +322,13 @@ class Tracker:
         """The mode W&B actually runs in ("online" / "offline"), or None when it is off."""
         return self._wandb_mode if self._run is not None else None
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """Append one row at training step ``step``; W&B gets it with ``_step = step``."""
+    def log(self, metrics: dict[str, float], step: int, replace: bool = False) -> None:
+        """Append one row at training step ``step``; W&B gets it with ``_step = step``.
+
+        ``replace``: drop the file's earlier rows of this step first (re-evaluating a step, or an
+        evaluation killed after writing it, leaves one row per step, not two)."""
+        if replace:
+            self._drop_step(int(step))
         row = {"step": int(step)}
         row.update((k, _plain(v)) for k, v in metrics.items() if k != "step")
         self._metrics.write(json.dumps(row) + "\n")
@@ -260,6 +339,24 @@ class Tracker:
                 self._run.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
             except Exception as e:
                 self._disable_wandb("log", e)
+
+    def _drop_step(self, step: int) -> None:
+        path = Path(self._metrics.name)
+        self._metrics.flush()
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+
+        def of_step(line: str) -> bool:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                return False
+            return isinstance(row, dict) and row.get("step") == step
+
+        kept = [line for line in lines if not of_step(line)]
+        if len(kept) < len(lines):
+            self._metrics.close()
+            _write_atomic(path, "".join(f"{line}\n" for line in kept))
+            self._metrics = path.open("a")
 
     def summary(self, values: dict) -> None:
         """Record final values: W&B's run summary and ``run_dir/summary.json`` (merged with earlier calls)."""
