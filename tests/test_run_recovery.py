@@ -140,6 +140,18 @@ def test_a_killed_runs_torn_last_line_is_dropped_quietly(tmp_path, caplog):
     assert path.read_text() == '{"step": 1, "a": 1}\n'
 
 
+def test_an_appending_tracker_drops_a_killed_writers_torn_line_before_its_first_row(tmp_path):
+    from archlab.train.tracking import Tracker
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "eval/loss": 3.0}\n{"step": 20, "eval/lo')  # a killed evaluation's tail
+    tracker = Tracker(tmp_path, backend="none", project="", group=None, name="e", tags=[], job_type="eval", config={})
+    tracker.log({"eval/loss": 2.5}, 20, replace=True)
+    tracker.finish()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 10, "eval/loss": 3.0}, {"step": 20, "eval/loss": 2.5}]
+
+
 def test_a_summary_that_is_not_an_object_is_rebuilt_from_the_metrics(tmp_path):
     from archlab.train.tracking import read_summary
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -72,7 +73,7 @@ def _keep_damaged(path: Path) -> Path:
     return copy
 
 
-def trim_metrics_file(path: Path, resume_step: int) -> int:
+def trim_metrics_file(path: Path, resume_step: float) -> int:
     """Drop rows with ``step > resume_step`` (and torn lines) left by a crashed run; return how many.
 
     A killed run may leave its last line torn: dropped quietly. Damage anywhere else (a line that is
@@ -209,6 +210,8 @@ class Tracker:
             dropped = trim_metrics_file(metrics_path, resume_step)
             if dropped:
                 log.info("dropped %d rows after step %d from %s", dropped, resume_step, metrics_path)
+        else:  # appending (evaluation): a killed writer's torn last line must not swallow the next row
+            trim_metrics_file(metrics_path, math.inf)
         self._metrics = metrics_path.open("a")
         summary_path = self.run_dir / SUMMARY_FILE
         self._summary: dict[str, Any] = read_summary(summary_path)
