@@ -131,6 +131,11 @@ CORRUPTIONS = {
     "renamed_handler": (lambda t: _edit_json(t / "ckpt/2/_CHECKPOINT_METADATA", lambda m: m["item_handlers"].update(
         state=m["item_handlers"]["state"].replace("Standard", "Ttandard"))),
                         "_CHECKPOINT_METADATA lists item handlers"),
+    "no_sharding_file": (lambda t: (t / "ckpt/2/state/_sharding").unlink(), "state/_sharding is missing"),
+    "renamed_array_metadata": (lambda t: _edit_json(
+        t / "ckpt/2/state/array_metadatas/process_0",
+        lambda m: m["array_metadatas"][0]["array_metadata"].update(param_name="renamed")),
+        "state/array_metadatas/ does not describe the arrays state/_METADATA lists"),
     "unlisted_integrity": (lambda t: _edit_json(t / "ckpt/2/_CHECKPOINT_METADATA",
                                                 lambda m: m["item_handlers"].pop("integrity")),
                            "_CHECKPOINT_METADATA does not list the 'integrity' item the step holds"),

@@ -224,7 +224,7 @@ def on_disk_problem(step_dir: Path) -> str | None:
         return problem
     # orbax's own JSON files: a torn or emptied one fails deep inside its async reads otherwise.
     state = step_dir / "state"
-    checks = [(state / "_METADATA", "state/_METADATA", True), (state / "_sharding", "state/_sharding", False)]
+    checks = [(state / "_METADATA", "state/_METADATA", True), (state / "_sharding", "state/_sharding", with_checksums)]
     if (state / "array_metadatas").is_dir():
         checks += [(p, f"state/array_metadatas/{p.name}", True) for p in sorted((state / "array_metadatas").iterdir())]
     checks += [(step_dir / item / JSON_FILE, f"{item}/{JSON_FILE}", True) for item in JSON_ITEMS]
@@ -233,6 +233,52 @@ def on_disk_problem(step_dir: Path) -> str | None:
     for path, rel, required in checks:
         if (problem := _json_file_problem(path, rel, required=required)) is not None:
             return problem
+    return _state_names_problem(state) if with_checksums else None
+
+
+_ARRAY_METADATA_KEYS = {"param_name", "write_shape", "chunk_shape", "ext_metadata"}
+
+
+def _state_names_problem(state: Path) -> str | None:
+    """Whether orbax's three descriptions of the stored arrays name the same arrays.
+
+    ``_METADATA`` (the tree), ``_sharding`` (keyed by base64 of each name) and
+    ``array_metadatas/process_<i>`` each list every array of the save. orbax reads only some of
+    them when the target's shardings are given, so a damaged one could pass unnoticed: here a
+    missing or edited entry in any of them disagrees with the other two.
+    """
+    import ast
+    import base64
+    import binascii
+
+    tree = json.loads((state / "_METADATA").read_text()).get("tree_metadata")
+    if not isinstance(tree, dict) or not tree:
+        return "state/_METADATA lists no arrays"
+    try:  # leaves that are not arrays (an optax state's None) have neither sharding nor array metadata
+        names = {".".join(ast.literal_eval(key)) for key, leaf in tree.items()
+                 if leaf["value_metadata"]["value_type"] == "jax.Array"}
+    except (ValueError, SyntaxError, TypeError, KeyError):
+        return "state/_METADATA has a malformed array entry"
+    try:
+        sharded = {base64.b64decode(key, validate=True).decode() for key in json.loads((state / "_sharding").read_text())}
+    except (binascii.Error, UnicodeDecodeError, AttributeError, TypeError):
+        return "state/_sharding has a malformed array name"
+    if sharded != names:
+        return "state/_sharding does not list the arrays state/_METADATA lists"
+    files = sorted((state / "array_metadatas").glob("process_*")) if (state / "array_metadatas").is_dir() else []
+    if not files:
+        return "state/array_metadatas/ holds no array metadata"
+    described = set()
+    for path in files:
+        entries = json.loads(path.read_text())
+        entries = entries.get("array_metadatas") if isinstance(entries, dict) else None
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("array_metadata"), dict)
+                and e["array_metadata"].keys() == _ARRAY_METADATA_KEYS for e in entries):
+            return f"state/array_metadatas/{path.name} is not a list of array descriptions"
+        described |= {e["array_metadata"]["param_name"] for e in entries}
+    if described != names:
+        return "state/array_metadatas/ does not describe the arrays state/_METADATA lists"
     return None
 
 
