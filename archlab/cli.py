@@ -9,18 +9,21 @@ next step boundary and exit with code 0; the same command resumes the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import hydra
 import hydra._internal.utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from archlab.errors import ArchlabError
+from archlab.errors import ArchlabError, ConfigError
 from archlab.schema import EvalConfig, TrainConfig, register_configs
 
 CONF_DIR = str(Path(os.environ.get("ARCHLAB_CONF", Path(__file__).resolve().parent.parent / "conf")))
@@ -83,8 +86,45 @@ def _report_in_one_line(func, *args, **kwargs):
         _fail(app, one_line(cause or error))
 
 
+def _dataclass_in(hint) -> type | None:
+    """The dataclass a field's type names (through ``Optional``), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    dataclass_args = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+    return dataclass_args[0] if typing.get_origin(hint) is typing.Union and dataclass_args else None
+
+
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of the composed config that no field of ``schema`` reads (``+model.foo=1``), dotted.
+
+    OmegaConf would drop them silently when it builds the dataclass; a key nothing reads is a
+    mistake (a typo, a feature that does not exist), so it is refused instead.
+    """
+    if not isinstance(node, dict):
+        return []  # an interpolation or null standing for the whole group
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key, value in node.items():
+        if key not in names:
+            found += _leaf_keys(value, f"{prefix}{key}")
+        elif (sub := _dataclass_in(hints[key])) is not None:
+            found += unknown_keys(value, sub, f"{prefix}{key}.")
+    return found
+
+
+def _leaf_keys(value: Any, key: str) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaf_keys(v, f"{key}.{k}")]
+    return [key]
+
+
 def typed(cfg: DictConfig, schema):
-    """The validated dataclass (``__post_init__`` checks run here)."""
+    """The validated dataclass (``__post_init__`` checks run here); a key no field reads is refused."""
+    if unknown := unknown_keys(OmegaConf.to_container(cfg, resolve=False), schema):
+        also = f" (nor {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+        raise ConfigError(f"{unknown[0]}{also} is not a setting: no field of the schema reads it "
+                          "(--cfg job prints every setting)")
     try:
         obj = OmegaConf.to_object(cfg)
     except Exception as error:  # OmegaConf wraps errors raised in __post_init__

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
 from archlab.errors import CheckpointError, CorruptCheckpointError
@@ -19,7 +18,7 @@ from archlab.schema import EvalConfig
 from archlab.tokens import SPECIAL
 from archlab.train.checkpoint import Checkpointer
 from archlab.train.run_dir import CONFIG_FILE, under_restarted
-from archlab.train.tracking import Tracker
+from archlab.train.tracking import Tracker, read_json_object
 from archlab.trainer import Trainer, config_dict, load_run_config
 
 log = logging.getLogger(__name__)
@@ -149,16 +148,7 @@ def _record(run_dir: Path, result: dict) -> None:
 
 
 def _read_entries(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        entries = json.loads(path.read_bytes().decode("utf-8"))
-        if isinstance(entries, dict):
-            return entries
-        problem = "not a JSON object"
-    except ValueError as error:
-        problem = " ".join(str(error).split())[:120]
-    moved = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
-    path.rename(moved)
-    log.warning("%s is damaged (%s); moved to %s, a new one is started", path, problem, moved.name)
-    return {}
+    entries, moved, problem = read_json_object(path)
+    if moved is not None:
+        log.warning("%s is damaged (%s); moved to %s, a new one is started", path, problem, moved.name)
+    return entries

@@ -48,6 +48,8 @@ CASES = [
     train("unknown_model", "a model preset that does not exist", ["model=gpt5"], r"Could not find 'model/gpt5'"),
     train("unknown_key", "a top-level key that is not in the schema", ["foo=1"], r"Could not override 'foo'; Key 'foo' not in 'TrainConfig'"),
     train("unknown_model_key", "a misspelt model field", ["model.dmodel=64"], r"Key 'dmodel' not in 'ModelConfig'"),
+    train("added_unread_key", "an added key no schema field reads", ["+model.foo=1"], r"model.foo is not a setting: no field of the schema reads it"),
+    train("added_unread_group", "an added group that does not exist", ["+mesh.fsdp=2", "+mesh.tensor=2"], r"mesh.fsdp \(nor mesh.tensor\) is not a setting"),
     train("wrong_type", "a string where an integer belongs", ["run.batch_size=abc"], r"Value 'abc' of type 'str' could not be converted to Integer"),
     train("mlm_on_decoder", "MLM paired with decoder-only", ["objective=mlm"], r"objective 'mlm' trains encoder_only models, not decoder_only"),
     train("clm_on_encoder", "causal LM paired with encoder-only", ["model=encoder_only"], r"objective 'clm' trains decoder_only models, not encoder_only"),
@@ -125,6 +127,7 @@ CASES = [
     evaluation("eval_negative_max_new_tokens", "archlab-eval generating -5 tokens", ["checkpoint={run}", "max_new_tokens=-5"], r"max_new_tokens must be at least 1, got -5$", needs_run=True),
     evaluation("eval_negative_samples", "archlab-eval printing -1 samples", ["checkpoint={run}", "samples=-1"], r"samples must be at least 0, got -1$", needs_run=True),
     evaluation("eval_negative_step", "archlab-eval of step -1", ["checkpoint={run}", "step=-1"], r"step must be at least 0, got -1$", needs_run=True),
+    evaluation("eval_added_unread_key", "archlab-eval given a prompt key it does not have", ["checkpoint={run}", "+prompt=Hello"], r"prompt is not a setting: no field of the schema reads it", needs_run=True),
     evaluation("eval_unknown_family", "archlab-eval expecting a family that does not exist", ["checkpoint={run}", "expect_family=gpt"], r"expect_family='gpt' is not one of encoder_only, decoder_only, encoder_decoder", needs_run=True),
 ]
 

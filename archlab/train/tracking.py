@@ -111,20 +111,29 @@ def trim_metrics_file(path: Path, resume_step: float) -> int:
     return dropped
 
 
-def read_summary(path: Path) -> dict[str, Any]:
-    """``summary.json``'s values; a damaged one is moved to ``summary.json.damaged-<ns>`` with a warning and
-    rebuilt from ``metrics.jsonl`` beside it (each metric's last value), rather than blocking a resume."""
+def read_json_object(path: Path) -> tuple[dict[str, Any], Path | None, str]:
+    """A JSON object file's contents ({} when absent). A damaged one (unreadable, not an object) is
+    moved to ``<name>.damaged-<ns>``, never deleted: returns ({}, where it went, what was wrong)."""
     if not path.exists():
-        return {}
+        return {}, None, ""
     try:
         values = json.loads(path.read_bytes().decode("utf-8"))
         if isinstance(values, dict):
-            return values
+            return values, None, ""
         problem = "not a JSON object"
     except ValueError as error:
         problem = " ".join(str(error).split())[:120]
     moved = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
     path.rename(moved)
+    return {}, moved, problem
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """``summary.json``'s values; a damaged one is moved to ``summary.json.damaged-<ns>`` with a warning and
+    rebuilt from ``metrics.jsonl`` beside it (each metric's last value), rather than blocking a resume."""
+    values, moved, problem = read_json_object(path)
+    if moved is None:
+        return values
     rebuilt = last_values(path.with_name(METRICS_FILE))
     log.warning("%s is damaged (%s); moved to %s and rebuilt from %s (%d values)", path, problem, moved.name,
                 METRICS_FILE, len(rebuilt))
