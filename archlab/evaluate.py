@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 from archlab.errors import CheckpointError, CorruptCheckpointError
+from archlab.samples import sample_continuations, validation_prompts
 from archlab.schema import EvalConfig
-from archlab.tokens import SPECIAL
 from archlab.train.checkpoint import Checkpointer
 from archlab.train.run_dir import CONFIG_FILE, under_restarted
 from archlab.train.tracking import Tracker, read_json_object
@@ -23,7 +23,6 @@ from archlab.trainer import Trainer, config_dict, load_run_config
 
 log = logging.getLogger(__name__)
 
-SAMPLE_PROMPTS = ("ROMEO:", "To be, or not", "The king")
 EVAL_FILE = "eval.json"
 
 
@@ -69,6 +68,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
     loaded = [] if cfg.all_steps else [trainer.load(checkpoints, step).step]
     steps = checkpoints.all_steps() if cfg.all_steps else loaded
     batches = trainer.validation_batches(cfg.batches, cfg.batch_size)
+    prompts = _prompt_ids(cfg, trainer) if cfg.samples and plan.model.family != "encoder_only" else []
 
     def open_tracker() -> Tracker:
         return Tracker(
@@ -93,7 +93,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
         result = {"run": str(run_dir), "step": step_k, "family": plan.model.family,
                   "objective": train_cfg.objective.name, **metrics}
         if cfg.samples and plan.model.family != "encoder_only":
-            result["samples"] = sample_continuations(trainer.model, trainer.tokenizer, cfg.samples, cfg.max_new_tokens)
+            result["samples"] = sample_continuations(trainer.model, trainer.tokenizer, prompts, cfg.max_new_tokens)
         tracker.log({**metrics, "tokens": step_k * plan.tokens_per_step}, step_k, replace=True)
         _print_result(result)
         _record(run_dir, result)
@@ -105,19 +105,11 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
     return results
 
 
-def sample_continuations(model, tokenizer, n_prompts: int, max_new_tokens: int) -> list[dict]:
-    """Greedy continuations of fixed prompts through the KV-cache generation path."""
-    from archlab.generate import generate
-
-    prompts = list(SAMPLE_PROMPTS[:n_prompts])
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
-    if model.cfg.family == "decoder_only":
-        max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - max(len(ids) for ids in prompt_ids))
-    else:  # span corruption taught the model to fill a sentinel: ask it to continue the prompt
-        sentinel = SPECIAL.sentinel_id(0, model.cfg.vocab_size)
-        prompt_ids = [ids + [sentinel] for ids in prompt_ids]
-    result = generate(model, prompt_ids, max_new_tokens=max_new_tokens)
-    return [{"prompt": p, "continuation": tokenizer.decode(ids)} for p, ids in zip(prompts, result.tokens)]
+def _prompt_ids(cfg: EvalConfig, trainer: Trainer) -> list[list[int]]:
+    """The given prompts' tokens, or the openings of held-out validation documents."""
+    if cfg.prompts:
+        return [trainer.tokenizer.encode(text) for text in cfg.prompts[:cfg.samples]]
+    return validation_prompts(trainer.corpus.validation, cfg.samples, cfg.prompt_tokens)
 
 
 def _print_result(result: dict) -> None:

@@ -148,7 +148,9 @@ class RunConfig:
     )
     inject_nan_into: str = _help("loss", "debugging: what run.inject_nan_at_step poisons: loss | gradients")
     progress: bool = _help(True, "show a progress bar")
-    samples: int = _help(2, "generated continuations printed at the end (generative families)")
+    samples: int = _help(0, (
+        "greedy continuations of this many held-out validation documents' openings, printed and logged to "
+        "train.log at the end of the run (generative families); 0: none"))
 
     def __post_init__(self) -> None:
         if self.on_nonfinite not in NONFINITE_POLICIES:
@@ -252,7 +254,12 @@ class EvalConfig:
     all_steps: bool = _help(False, "evaluate every checkpoint of every run found")
     batches: int = _help(16, "validation batches per evaluation")
     batch_size: Optional[int] = _help(None, "default: the run's batch size")
-    samples: int = _help(3, "generated continuations printed (generative families)")
+    samples: int = _help(3, (
+        "generated continuations printed (generative families): of the first N prompts, or of N held-out "
+        "validation documents' openings when prompts is empty; 0: none"))
+    prompts: List[str] = field(default_factory=list, metadata={"help": (
+        "texts to continue, e.g. 'prompts=[\"To be, or not\",\"The king\"]'; empty: validation text")})
+    prompt_tokens: int = _help(16, "tokens of each validation document's opening used as a prompt")
     max_new_tokens: int = _help(40, "tokens per generated continuation")
     expect_family: Optional[str] = _help(None, "refuse a checkpoint whose model family differs")
     data: Optional[DataConfig] = _help(None, "evaluate on this data instead of the run's validation split")
@@ -261,7 +268,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_fields(
             "", self, step=NON_NEGATIVE, batches=AT_LEAST_ONE, batch_size=AT_LEAST_ONE, samples=NON_NEGATIVE,
-            max_new_tokens=AT_LEAST_ONE,
+            max_new_tokens=AT_LEAST_ONE, prompt_tokens=AT_LEAST_ONE,
         )
         if self.expect_family is not None and self.expect_family not in FAMILIES:
             raise ConfigError(f"expect_family={self.expect_family!r} is not one of {', '.join(FAMILIES)}")

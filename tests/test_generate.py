@@ -236,3 +236,22 @@ def test_encoder_only_models_cannot_generate():
 def test_sample_logits_refuses_bad_settings():
     with pytest.raises(ConfigError, match="top_k must be at least 1"):
         sample_logits(random_logits(), jax.random.key(0), temperature=1.0, top_k=0)
+
+
+def test_validation_prompts_are_document_openings():
+    import numpy as np
+
+    from archlab.data.packing import PackedRows
+    from archlab.samples import validation_prompts
+    from archlab.tokens import SPECIAL
+
+    eos = SPECIAL.eos
+    # Row 0: document 1 (starts here: 10 11 12 eos), then document 2's first two tokens.
+    # Row 1: document 2 continues (no start), then padding. Row 2: document 3 starts after a tail.
+    tokens = np.array([[10, 11, 12, eos, 20, 21], [22, 23, eos, 0, 0, 0], [30, eos, 40, 41, 42, 43]])
+    segment_ids = np.array([[1, 1, 1, 1, 2, 2], [1, 1, 1, 0, 0, 0], [1, 1, 2, 2, 2, 2]])
+    positions = np.array([[0, 1, 2, 3, 0, 1], [2, 3, 4, 0, 0, 0], [5, 6, 0, 1, 2, 3]])
+    rows = PackedRows(tokens, segment_ids, positions, n_bytes=0)
+    # One opening per row; the end-of-document token is not part of a prompt; rows without a start skipped.
+    assert validation_prompts(rows, 5, 8) == [[10, 11, 12], [40, 41, 42, 43]]
+    assert validation_prompts(rows, 1, 2) == [[10, 11]]

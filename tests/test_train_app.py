@@ -117,6 +117,9 @@ def test_evaluation_from_checkpoint(family, trained_families):
     assert result["eval/perplexity"] == pytest.approx(math.exp(result["eval/loss"]))
     assert result["eval/bits_per_byte"] > 0
     assert ("samples" in result) == (family != "encoder_only")
+    if family != "encoder_only":  # by default the prompt is a held-out validation document's opening
+        (sample,) = result["samples"]
+        assert sample["prompt"].strip() and sample["prompt"] not in ("ROMEO:", "To be, or not")
     saved = json.loads((run_dir / "eval.json").read_text())
     assert saved["2"]["eval/loss"] == result["eval/loss"]
     # A step directory and a sweep directory work too.
@@ -142,14 +145,36 @@ def cli(app: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def assert_console_block(run: Path, stdout: str) -> None:
+    """The start block, compile notice, evaluation lines, samples and final summary of one run are on
+    the console and in its train.log (timestamped there)."""
+    summary = json.loads((run / "summary.json").read_text())
+    log_lines = [line.split("] ", 1)[1] for line in (run / "train.log").read_text().splitlines()]
+    expected = [
+        f"run        {run}",
+        f"parameters {summary['params_total']:,} total, {summary['params_non_embedding']:,} non-embedding",
+        "plan       2 steps from scratch",
+        "compiled the training step and ran it once in ",
+        f"step 2/2  val: loss {summary['val/loss']:.4g}  bits per byte {summary['val/bits_per_byte']:.4g}",
+        "sample     ",
+        "done in ",
+        f"  val/loss              {summary['val/loss']:.6g}",
+        f"  step                  {summary['step']}",
+    ]
+    for line in expected:
+        assert any(logged.startswith(line) for logged in log_lines), (line, log_lines)
+        assert any(shown.startswith(line) for shown in stdout.splitlines()), (line, stdout[-3000:])
+
+
 def test_multirun_trains_three_sizes(tmp_path, cache_dir):
     shrink = [s for s in SHRINK if not s.startswith(("size=", "logger="))]
     result = cli("train_main", "-m", "size=nano,micro,tiny", "experiment=multirun_test", *shrink,
-                 f"data.cache_dir={cache_dir}", cwd=tmp_path)
+                 f"data.cache_dir={cache_dir}", "run.samples=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     runs = sorted(p for p in (tmp_path / "runs" / "multirun_test").iterdir() if p.is_dir())
     assert [r.name for r in runs] == [f"decoder_only-{s}-clm-s0" for s in ("micro", "nano", "tiny")]
     for run in runs:
         assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+        assert_console_block(run, result.stdout)
         assert (run / "checkpoints" / "2").is_dir()
         assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))

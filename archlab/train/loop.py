@@ -7,15 +7,18 @@ import signal
 import time
 from pathlib import Path
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from archlab.accounting import device_peak_flops
 from archlab.errors import NonFiniteError
+from archlab.samples import sample_continuations, validation_prompts
 from archlab.schema import TrainConfig
-from archlab.train import branches, run_dir as run_files
+from archlab.train import branches, console, run_dir as run_files
 from archlab.train.checkpoint import Checkpointer, committed_steps, set_aside_dirs
 from archlab.train.metrics import progress_bar
 from archlab.train.skips import SkipWatch
@@ -24,6 +27,9 @@ from archlab.train.step import NONFINITE_KINDS
 from archlab.train.tracking import Tracker, new_run_id
 
 log = logging.getLogger(__name__)
+
+# run.samples: greedy continuations of this many tokens after each validation document's opening.
+SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS = 16, 32
 
 
 class StopRequested:
@@ -125,7 +131,9 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
         online_timeout=cfg.logger.online_timeout,
     )
     try:
-        return _steps(trainer, _Run(run_dir, data, val_batches, checkpoints, tracker, stop, derived, start_step))
+        # Log lines are written above the progress bar, not through it.
+        with logging_redirect_tqdm() if cfg.run.progress else nullcontext():
+            return _steps(trainer, _Run(run_dir, data, val_batches, checkpoints, tracker, stop, derived, start_step))
     except BaseException:
         # Let a good checkpoint still being written commit; mark the W&B run failed.
         tracker.finish(exit_code=1)
@@ -157,10 +165,17 @@ def _steps(trainer, run: _Run) -> dict:
     tracker.summary({**run.derived, "set_aside": set_aside_dirs(checkpoints.directory)})
     peak = device_peak_flops() * jax.device_count()
     pending = [b for b in trainer.branches if not branches.is_done(b, run.run_dir)]
+    run_start = time.perf_counter()
+    console.log_lines(console.start_block(
+        run_dir=run.run_dir, family=plan.model.family, objective=cfg.objective.name, size=cfg.size_name,
+        derived=run.derived, seq_len=cfg.data.seq_len, batch_size=cfg.run.batch_size,
+        devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}", start_step=start_step))
 
     def evaluate(step: int) -> dict[str, float]:
+        began = time.perf_counter()
         metrics = trainer.evaluate(run.val_batches)
         tracker.log({**metrics, "tokens": step * plan.tokens_per_step, "flops": step * plan.train_flops_per_step}, step)
+        console.log_evaluation(step, plan.total_steps, metrics, time.perf_counter() - began)
         return metrics
 
     def save(step: int) -> None:
@@ -177,17 +192,24 @@ def _steps(trainer, run: _Run) -> dict:
         if step > start_step and step % cfg.run.checkpoint_every and step != plan.total_steps:
             save(step)  # a branch killed midway is recomputed from here
         for branch in due:
-            summary.update({f"{branch.name}/val/loss": branches.run_branch(
-                trainer, branch, run.data.get_state(), run.run_dir, run.val_batches)["val/loss"]})
+            val_loss = branches.run_branch(trainer, branch, run.data.get_state(), run.run_dir, run.val_batches)["val/loss"]
+            summary[f"{branch.name}/val/loss"] = val_loss
+            console.log_branch(branch.name, val_loss)
 
     summary: dict = {}
     fork(start_step)
-    window_start = time.perf_counter()
     bar = progress_bar(cfg.run.progress, start_step, plan.total_steps)
     skips = (SkipWatch(cfg.run.max_skips_in_a_row, int(trainer.state.skipped))
              if cfg.run.on_nonfinite == "skip" else None)
+    window_start = time.perf_counter()
     for step in range(start_step + 1, plan.total_steps + 1):
-        metrics = trainer.step(next(run.data))
+        if step == start_step + 1:
+            console.log_compiling("the training step")
+            began = time.perf_counter()
+            metrics = jax.block_until_ready(trainer.step(next(run.data)))
+            console.log_compiled("the training step", time.perf_counter() - began)
+        else:
+            metrics = trainer.step(next(run.data))
         if skips is not None:
             skips.after(step, int(trainer.state.skipped), checkpoints.latest_step)
         if step % cfg.run.log_every == 0 or step == plan.total_steps:
@@ -229,6 +251,10 @@ def _steps(trainer, run: _Run) -> dict:
              "unigram_entropy_nats": corpus.unigram_entropy_nats, "set_aside": set_aside_dirs(checkpoints.directory)}
     tracker.summary(final)
     tracker.finish()
+    if cfg.run.samples and plan.model.family != "encoder_only":
+        prompts = validation_prompts(corpus.validation, cfg.run.samples, SAMPLE_PROMPT_TOKENS)
+        console.log_samples(sample_continuations(trainer.model, trainer.tokenizer, prompts, SAMPLE_NEW_TOKENS))
+    console.log_lines(console.summary_lines(final, run.run_dir, time.perf_counter() - run_start))
     return final
 
 
