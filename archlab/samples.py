@@ -14,10 +14,9 @@ from archlab.tokens import SPECIAL
 
 def validation_prompts(rows: PackedRows, n_prompts: int, n_tokens: int) -> list[list[int]]:
     """The first ``n_tokens`` tokens of the first ``n_prompts`` validation documents that start in a
-    row (spread over the split: one document per row at most), shorter documents whole."""
+    row (one document per row at most, rows in order), shorter documents whole."""
     prompts: list[list[int]] = []
-    row_order = np.unique(np.linspace(0, rows.n_rows - 1, rows.n_rows).round().astype(np.int64))
-    for r in row_order:
+    for r in range(rows.n_rows):
         starts = np.flatnonzero((rows.positions[r] == 0) & (rows.segment_ids[r] > 0))
         if starts.size == 0:
             continue
