@@ -23,8 +23,11 @@ def test_a_checkpoint_written_before_the_redesign_evaluates_to_the_same_numbers(
     shutil.copytree(FIXTURES / family, run_dir)
     expected = json.loads((run_dir / "eval.json").read_text())["3"]
     (run_dir / "eval.json").unlink()
-    # What the fixture's eval.json was written by: batches=2 samples=1 max_new_tokens=8.
-    (result,) = evaluate(EvalConfig(checkpoint=str(run_dir), batches=2, samples=1, max_new_tokens=8,
+    # What the fixture's eval.json was written by: batches=2 samples=1 max_new_tokens=8, and the fixed
+    # first prompt of that time (today's default prompts are validation openings).
+    prompts = [s["prompt"] for s in expected.get("samples", [])]
+    (result,) = evaluate(EvalConfig(checkpoint=str(run_dir), batches=2, samples=len(prompts), max_new_tokens=8,
+                                    prompts=prompts,
                                     logger=LoggerConfig(backend="none")))
     for key in ("step", "family", "objective", "eval/loss", "eval/accuracy", "eval/bits_per_byte",
                 "eval/target_tokens"):

@@ -90,5 +90,6 @@ def summary_lines(final: dict, run_dir: Path, seconds: float) -> list[str]:
     lines += [f"  {k:<{width}}  {v:.6g}" if isinstance(v, float) else f"  {k:<{width}}  {v:,}"
               for k, v in sorted(numbers.items())]
     if final.get("set_aside"):
-        lines.append(f"  set aside: {', '.join(final['set_aside'])}")
+        lines.append("  set aside: " + ", ".join(f"{entry['name']} ({entry['kind']}, step {entry['step']})"
+                                                 for entry in final["set_aside"]))
     return lines
