@@ -1,4 +1,5 @@
-"""The Hydra apps ``archlab-train`` and ``archlab-eval`` (thin: compose, validate, delegate).
+"""The Hydra apps ``archlab-train`` and ``archlab-eval`` (thin: compose, validate, delegate), and
+``archlab-runs``.
 
 Any bad input ends with one line on stderr, ``<app>: error: <reason>``, and exit code 2,
 before anything is compiled or written (``HYDRA_FULL_ERROR=1`` shows the traceback). So do a
@@ -146,9 +147,21 @@ def _train_app(cfg: DictConfig) -> float | None:
         from archlab.train.loop import train  # imported late: bad configs are refused before JAX loads
 
         summary = train(config, run_dir)
-    except ArchlabError as error:
+    except Exception as error:
         _remove_if_empty(run_dir)
-        _fail("archlab-train", one_line(error))
+        from archlab import sweeps
+
+        if not sweeps.in_multirun():
+            if isinstance(error, ArchlabError):
+                _fail("archlab-train", one_line(error))
+            raise
+        # In a sweep a job fails alone: its line now, its row in the table at the end.
+        reason = one_line(error) if isinstance(error, ArchlabError) else f"{type(error).__name__}: {error}"
+        if not isinstance(error, ArchlabError):
+            logging.getLogger("archlab").exception("job in %s crashed", run_dir)
+        print(f"archlab-train: error: {reason} (job {HydraConfig.get().job.num}, {run_dir})", file=sys.stderr)
+        sweeps.note_failure(run_dir, reason)
+        return float("nan")  # a failed trial to a sweeper that minimises the returned loss
     return summary.get("val/loss")  # the objective a Hydra sweeper (e.g. Optuna) minimises
 
 
@@ -197,6 +210,9 @@ def _drop_closed_loop_noise(unraisable) -> None:
 def prepare_hydra() -> None:
     """Register the schemas and archlab's resolver (idempotent): what composing a config needs."""
     register_configs()
+    from archlab.sweeps import register_resolver
+
+    register_resolver()
     if not OmegaConf.has_resolver("archlab.or"):
         OmegaConf.register_new_resolver("archlab.or", _first_set)
 
@@ -215,3 +231,10 @@ def train_main() -> None:
 
 def eval_main() -> None:
     _main(_eval_app, "archlab-eval")
+
+
+def runs_main() -> None:
+    """``archlab-runs``: the table of every run under one or more runs directories."""
+    from archlab.runs_table import main
+
+    main()

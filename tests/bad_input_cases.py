@@ -43,6 +43,10 @@ def evaluation(name, what, args, pattern, **kw) -> Case:
     return Case(name, what, tuple(args) + ("logger=none",), pattern, app="eval_main", small=False, **kw)
 
 
+def runs(name, what, args, pattern, **kw) -> Case:
+    return Case(name, what, tuple(args), pattern, app="runs_main", small=False, **kw)
+
+
 CASES = [
     train("unknown_size", "a size preset that does not exist", ["size=huge"], r"Could not find 'size/huge'; available size options: 1b, "),
     train("unknown_model", "a model preset that does not exist", ["model=gpt5"], r"Could not find 'model/gpt5'"),
@@ -129,6 +133,9 @@ CASES = [
     evaluation("eval_negative_step", "archlab-eval of step -1", ["checkpoint={run}", "step=-1"], r"step must be at least 0, got -1$", needs_run=True),
     evaluation("eval_added_unread_key", "archlab-eval given a prompt key it does not have", ["checkpoint={run}", "+prompt=Hello"], r"prompt is not a setting: no field of the schema reads it", needs_run=True),
     evaluation("eval_unknown_family", "archlab-eval expecting a family that does not exist", ["checkpoint={run}", "expect_family=gpt"], r"expect_family='gpt' is not one of encoder_only, decoder_only, encoder_decoder", needs_run=True),
+    runs("runs_missing_dir", "archlab-runs of a directory that does not exist", ["{tmp}/absent"], r"no such directory: <tmp>/absent$"),
+    runs("runs_several_without_csv", "archlab-runs of two directories without --csv", ["{tmp}", "{tmp}/corpus"], r"several directories need --csv PATH"),
+    runs("runs_no_runs", "archlab-runs of a directory holding no run", ["{tmp}"], r"no runs \(no config.yaml\) under <tmp>$"),
 ]
 
 

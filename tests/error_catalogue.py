@@ -27,7 +27,7 @@ that no file in the scratch directory was created, changed or deleted (a run dir
 `.lock` excepted: it holds the pid of the last process that took the lock). `{tmp}` is the
 scratch directory, `{corpus}` a folder of good, empty and Latin-1 text files, `{run}` a
 small trained run. Every command is `archlab-train` or `archlab-eval` plus the small-run
-overrides `{small}`.
+overrides `{small}`, or `archlab-runs`.
 
 | case | input | arguments | message (stderr) | exit |
 |---|---|---|---|---|

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,15 +167,36 @@ def assert_console_block(run: Path, stdout: str) -> None:
         assert any(shown.startswith(line) for shown in stdout.splitlines()), (line, stdout[-3000:])
 
 
-def test_multirun_trains_three_sizes(tmp_path, cache_dir):
-    shrink = [s for s in SHRINK if not s.startswith(("size=", "logger="))]
-    result = cli("train_main", "-m", "size=nano,micro,tiny", "experiment=multirun_test", *shrink,
-                 f"data.cache_dir={cache_dir}", "run.samples=1", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    runs = sorted(p for p in (tmp_path / "runs" / "multirun_test").iterdir() if p.is_dir())
-    assert [r.name for r in runs] == [f"decoder_only-{s}-clm-s0" for s in ("micro", "nano", "tiny")]
-    for run in runs:
-        assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
-        assert_console_block(run, result.stdout)
-        assert (run / "checkpoints" / "2").is_dir()
-        assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+def test_a_sweep_runs_every_job_and_ends_with_its_table(tmp_path, cache_dir):
+    """A diverging job and a refused one fail alone: the job after them trains, the sweep prints and
+    writes its table and exits 1; the same sweep again resumes the finished job instead of colliding
+    with it, and gets no further stuck on the others."""
+    import csv
+
+    shrink = [s for s in SHRINK if not s.startswith("logger=")]
+    sweep = ["-m", "optimizer.lr=1e30,-1,3e-3", "experiment=multirun_test", *shrink,
+             f"data.cache_dir={cache_dir}", "run.samples=1"]
+    suffix = ",data.seq_len=32,data.vocab_size=512,optimizer.lr={},run.batch_size=4,run.steps=2"
+    names = [f"decoder_only-nano-clm-s0{suffix.format(lr)}" for lr in ("1e+30", "-1", "0.003")]
+    sweep_dir = tmp_path / "runs" / "multirun_test"
+    for launch in range(2):
+        result = cli("train_main", *sweep, cwd=tmp_path)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "non-finite loss at step 2" in result.stderr and "optimizer.lr must be positive" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("archlab-train: error: 2 of 3 jobs did not finish")
+        table = sorted(sweep_dir.glob("sweep-*.csv"))[launch]
+        rows = list(csv.DictReader(table.open()))
+        assert [r["run"] for r in rows] == names
+        assert [r["status"].split(":")[0] for r in rows] == ["stopped", "refused", "done"]
+        assert rows[2]["family"] == "decoder_only" and rows[2]["size"] == "nano" and int(rows[2]["params"]) > 0
+        done = sweep_dir / names[2]
+        assert float(rows[2]["val_loss"]) == json.loads((done / "summary.json").read_text())["val/loss"]
+        assert f"3 jobs, 1 done; table written to {table.relative_to(tmp_path)}" in result.stdout
+        if launch == 0:
+            assert_console_block(done, result.stdout)
+            assert (done / "checkpoints" / "2").is_dir()
+            assert list((done / "wandb").glob("offline-run-*/run-*.wandb"))
+            assert not (sweep_dir / names[1]).exists()  # refused before anything was written
+            time.sleep(1)  # the second table gets its own second-stamped name
+        else:
+            assert "resuming at step 2 of 2" in (done / "train.log").read_text()

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from archlab.accounting import device_peak_flops
-from archlab.errors import NonFiniteError
+from archlab.errors import ArchlabError, NonFiniteError
 from archlab.samples import sample_continuations, validation_prompts
 from archlab.schema import TrainConfig
 from archlab.train import branches, console, run_dir as run_files
@@ -134,7 +134,9 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
         # Log lines are written above the progress bar, not through it.
         with logging_redirect_tqdm() if cfg.run.progress else nullcontext():
             return _steps(trainer, _Run(run_dir, data, val_batches, checkpoints, tracker, stop, derived, start_step))
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, ArchlabError):  # a non-finite stop, a skip limit: the run tables show why
+            tracker.summary({"stopped": str(error)})
         # Let a good checkpoint still being written commit; mark the W&B run failed.
         tracker.finish(exit_code=1)
         try:
@@ -162,7 +164,10 @@ def _steps(trainer, run: _Run) -> dict:
     cfg, plan, corpus = trainer.cfg, trainer.plan, trainer.corpus
     tracker, checkpoints, start_step = run.tracker, run.checkpoints, run.start_step
     # On a resume the same values (an extended trunk's new budget), and what the resume set aside.
-    tracker.summary({**run.derived, "set_aside": set_aside_dirs(checkpoints.directory)})
+    start = {**run.derived, "set_aside": set_aside_dirs(checkpoints.directory)}
+    if tracker.summary_value("stopped"):
+        start["stopped"] = None  # a launch after a stop: the old reason no longer describes the run
+    tracker.summary(start)
     peak = device_peak_flops() * jax.device_count()
     pending = [b for b in trainer.branches if not branches.is_done(b, run.run_dir)]
     run_start = time.perf_counter()

@@ -381,6 +381,10 @@ class Tracker:
             except Exception as e:
                 self._disable_wandb("summary", e)
 
+    def summary_value(self, key: str) -> Any:
+        """A value ``summary.json`` holds now (None when absent)."""
+        return self._summary.get(key)
+
     def log_image(self, key: str, path: Path, step: int | None = None) -> None:
         """Log an image file (a plot) to W&B at ``step`` (default: the last logged step); no-op without W&B."""
         if self._run is None:
