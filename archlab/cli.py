@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from archlab.errors import ArchlabError, ConfigError
 from archlab.schema import EvalConfig, TrainConfig, register_configs
 
-CONF_DIR = str(Path(os.environ.get("ARCHLAB_CONF", Path(__file__).resolve().parent.parent / "conf")))
+CONF_DIR = str(Path(os.environ.get("ARCHLAB_CONF", Path(__file__).resolve().parent / "conf")))
 EXIT_BAD_INPUT = 2
 _APP_NAME = ["archlab"]  # set by the entry point, so messages name the app even under ``python -c``
 _NOISE = re.compile(r"^(object_type|reference_type|Set the environment variable HYDRA_FULL_ERROR)")
@@ -210,9 +210,11 @@ def _drop_closed_loop_noise(unraisable) -> None:
 def prepare_hydra() -> None:
     """Register the schemas and archlab's resolver (idempotent): what composing a config needs."""
     register_configs()
+    from archlab.help import register_resolvers as register_help
     from archlab.sweeps import register_resolver
 
     register_resolver()
+    register_help()
     if not OmegaConf.has_resolver("archlab.or"):
         OmegaConf.register_new_resolver("archlab.or", _first_set)
 

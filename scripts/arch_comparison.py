@@ -5,7 +5,7 @@
     python scripts/arch_comparison.py --d-model 768 --layers 12 --heads 12 --d-ff 3072 --kv-heads 4
 
 Each family's config is composed exactly as ``archlab-train model=<family> size=<size>`` would
-build it (conf/model/<family>.yaml on equal footing), so encoder_decoder has ``layers`` encoder
+build it (archlab/conf/model/<family>.yaml on equal footing), so encoder_decoder has ``layers`` encoder
 AND ``layers`` decoder layers (T5's L+L against L). Every number comes from archlab/accounting.py
 (tested against real parameter trees, XLA cost analysis and allocated caches); nothing is built
 except the tiny mask pictures. Runs on the CPU in seconds.
@@ -172,7 +172,7 @@ def mask_pictures() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="tiny", help="a conf/size/*.yaml name (explicit shape flags override it)")
+    parser.add_argument("--size", default="tiny", help="a archlab/conf/size/*.yaml name (explicit shape flags override it)")
     parser.add_argument("--d-model", type=int)
     parser.add_argument("--layers", type=int, help="layers of each stack (encoder_decoder: encoder and decoder)")
     parser.add_argument("--heads", type=int)

@@ -8,7 +8,7 @@
     python scripts/benchmark.py --depth-compile              # compile time of 2 vs 24 scanned layers
     python scripts/benchmark.py --markdown-from results.jsonl   # the tables, from saved JSON lines
 
-Positional arguments are Hydra overrides of ``conf/train.yaml``, composed exactly as
+Positional arguments are Hydra overrides of ``archlab/conf/train.yaml``, composed exactly as
 ``archlab-train`` composes them. ``--peer`` with no overrides uses the CPU target shape
 (decoder-only, 4 layers, d_model 256, 4 heads, d_ff 1024, sequence 256, batch 8, vocabulary 8192,
 tied embeddings, learned positions, GELU(tanh), float32, AdamW with clipping).
@@ -218,7 +218,7 @@ def bench_depth_compile(args, sink: list) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of archlab/conf/train.yaml")
     parser.add_argument("--peer", action="store_true", help="also Hugging Face GPT-2 (torch, flax), interleaved")
     parser.add_argument("--peers", default="torch,flax", help="which peers --peer runs (comma-separated)")
     parser.add_argument("--variant", action="append", default=None,

@@ -51,7 +51,7 @@ def summarize(track: str, events: list[dict], steps: int, top: int) -> list[dict
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of archlab/conf/train.yaml")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)

@@ -11,7 +11,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "archlab" / "conf"
 
 # Small enough to compile and run a few steps in seconds on 2 CPU cores.
 SHRINK = [

@@ -62,7 +62,7 @@ def plan_of(overrides: list[str]) -> tuple[Path, float]:
         _CORPORA[key] = load_corpus(cfg.data, row_length_for(cfg))
     corpus = _CORPORA[key]
     plan = make_plan(cfg, corpus.tokenizer.vocab_size)
-    # As conf/train.yaml's hydra.run.dir, anchored at the repository (the runs' working directory).
+    # As archlab/conf/train.yaml's hydra.run.dir, anchored at the repository (the runs' working directory).
     run_dir = REPO / (cfg.run.dir or Path("runs") / cfg.experiment / cfg.run.name)
     return run_dir, plan.token_budget / corpus.train.n_tokens
 

@@ -9,7 +9,7 @@ at an edge, flagged); moved to batch 16 by the square-root rule; per size, the g
 over its budgets; the rule's law ``lr = lr0 * (N / 1e5) ** k * (batch / 16) ** 0.5`` is the
 least-squares line through the sizes in log-log. beta2 is
 the one whose best losses are lower on average over the beta2 size's budgets. Writes
-``calibration.csv`` (every branch), ``calibration.json`` (the fits) and ``conf/rules/ladder_v2.yaml``.
+``calibration.csv`` (every branch), ``calibration.json`` (the fits) and ``archlab/conf/rules/ladder_v2.yaml``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import ladder  # noqa: E402
 
 TABLE = HERE / "calibration.csv"
 FITS = HERE / "calibration.json"
-RULE = REPO / "conf" / "rules" / "ladder_v2.yaml"
+RULE = REPO / "archlab" / "conf" / "rules" / "ladder_v2.yaml"
 COLUMNS = ("job", "size", "params_total", "budget_flops", "lr", "b2", "batch_size", "warmup_tokens",
            "total_steps", "val_loss", "val_bits_per_byte")
 LR_ANCHOR = 1e5
@@ -118,7 +118,7 @@ def fit(rows: list[dict]) -> dict:
 
 
 def write_rule(fits: dict) -> None:
-    prior = yaml.safe_load((REPO / "conf" / "rules" / "ladder_v2_prior.yaml").read_text())
+    prior = yaml.safe_load((REPO / "archlab" / "conf" / "rules" / "ladder_v2_prior.yaml").read_text())
     rule = {**prior, "name": "ladder_v2", **fits["lr_law"], "b2": fits["b2"], "calibration": {
         "command": "python experiments/scaling_laws/v2/ladder.py calibrate && "
                    "python experiments/scaling_laws/v2/calibration.py",

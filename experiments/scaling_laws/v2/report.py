@@ -174,7 +174,7 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
         f"- Measured on the table: >= {d['min_sizes_per_budget']} sizes per fit budget, >= "
         f"{d['min_sizes_each_side_of_minimum']} on each side of every observed minimum, >= {d['min_updates']} updates"
         f" per point, at most {d['max_epochs']:.2f} epochs.",
-        f"- Hyperparameters from `conf/rules/ladder_v2.yaml` (the calibration sweep: lr x0.5/1/2/4 at d24, d56,"
+        f"- Hyperparameters from `archlab/conf/rules/ladder_v2.yaml` (the calibration sweep: lr x0.5/1/2/4 at d24, d56,"
         f" d80, beta2 0.95 vs 0.99 at d24): lr = {law['lr']:.3g} (N/1e5)^{law['lr_exponent']:.3f}"
         f" (batch/{law['lr_batch']})^{law['lr_batch_exponent']:g},"
         f" beta2 {calibration['b2']}; warmup min(N, 10% of the smallest budget) tokens; batch the largest power",
