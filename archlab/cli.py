@@ -87,7 +87,7 @@ def _report_in_one_line(func, *args, **kwargs):
         _fail(app, one_line(cause or error))
 
 
-def _dataclass_in(hint) -> type | None:
+def dataclass_in(hint) -> type | None:
     """The dataclass a field's type names (through ``Optional``), or None."""
     if dataclasses.is_dataclass(hint):
         return hint
@@ -109,7 +109,7 @@ def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     for key, value in node.items():
         if key not in names:
             found += _leaf_keys(value, f"{prefix}{key}")
-        elif (sub := _dataclass_in(hints[key])) is not None:
+        elif (sub := dataclass_in(hints[key])) is not None:
             found += unknown_keys(value, sub, f"{prefix}{key}.")
     return found
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from archlab.cli import dataclass_in
+
 _CONF = Path(__file__).resolve().parent / "conf"
 # The groups each app composes (others in conf/ belong to the other app, or to Hydra).
 APP_GROUPS = {
@@ -50,9 +52,8 @@ def setting_lines(schema: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(schema)
     for field in dataclasses.fields(schema):
         hint = hints[field.name]
-        nested = hint if dataclasses.is_dataclass(hint) else next(
-            (a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
-        if nested is not None and dataclasses.is_dataclass(nested):
+        nested = dataclass_in(hint)
+        if nested is not None:
             if field.metadata.get("help"):
                 lines.append(f"  {prefix}{field.name}: {field.metadata['help']} (null by default)")
             lines += setting_lines(nested, f"{prefix}{field.name}.")
