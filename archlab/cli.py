@@ -1,5 +1,5 @@
-"""The Hydra apps ``archlab-train`` and ``archlab-eval`` (thin: compose, validate, delegate), and
-``archlab-runs``.
+"""The Hydra apps ``archlab-train``, ``archlab-eval``, ``archlab-export`` and ``archlab-generate`` (thin:
+compose, validate, delegate), and ``archlab-runs``.
 
 Any bad input ends with one line on stderr, ``<app>: error: <reason>``, and exit code 2,
 before anything is compiled or written (``HYDRA_FULL_ERROR=1`` shows the traceback). So do a
@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from archlab.errors import ArchlabError, ConfigError
-from archlab.schema import EvalConfig, TrainConfig, register_configs
+from archlab.schema import EvalConfig, ExportConfig, GenerateConfig, TrainConfig, register_configs
 
 CONF_DIR = str(Path(os.environ.get("ARCHLAB_CONF", Path(__file__).resolve().parent / "conf")))
 EXIT_BAD_INPUT = 2
@@ -151,13 +151,14 @@ def _train_app(cfg: DictConfig) -> float | None:
         _remove_if_empty(run_dir)
         from archlab import sweeps
 
+        refused = isinstance(error, ArchlabError)  # a bad input or a run that stopped itself, not a crash
         if not sweeps.in_multirun():
-            if isinstance(error, ArchlabError):
+            if refused:
                 _fail("archlab-train", one_line(error))
             raise
         # In a sweep a job fails alone: its line now, its row in the table at the end.
-        reason = one_line(error) if isinstance(error, ArchlabError) else f"{type(error).__name__}: {error}"
-        if not isinstance(error, ArchlabError):
+        reason = one_line(error) if refused else f"{type(error).__name__}: {error}"
+        if not refused:
             logging.getLogger("archlab").exception("job in %s crashed", run_dir)
         print(f"archlab-train: error: {reason} (job {HydraConfig.get().job.num}, {run_dir})", file=sys.stderr)
         sweeps.note_failure(run_dir, reason)
@@ -165,16 +166,33 @@ def _train_app(cfg: DictConfig) -> float | None:
     return summary.get("val/loss")  # the objective a Hydra sweeper (e.g. Optuna) minimises
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
-def _eval_app(cfg: DictConfig) -> None:
+def _delegate(cfg: DictConfig, app: str, schema: type, target: str) -> None:
+    """Validate ``cfg`` against ``schema`` and call ``target`` (``"module:function"``, imported only then,
+    so a bad config is refused before JAX loads); any archlab error is one line and exit 2."""
+    import importlib
+
     _quiet_libraries()
     try:
-        config = typed(cfg, EvalConfig)
-        from archlab.evaluate import evaluate
-
-        evaluate(config)
+        config = typed(cfg, schema)
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(config)
     except ArchlabError as error:
-        _fail("archlab-eval", one_line(error))
+        _fail(app, one_line(error))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def _eval_app(cfg: DictConfig) -> None:
+    _delegate(cfg, "archlab-eval", EvalConfig, "archlab.evaluate:evaluate")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+def _export_app(cfg: DictConfig) -> None:
+    _delegate(cfg, "archlab-export", ExportConfig, "archlab.export:export")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+def _generate_app(cfg: DictConfig) -> None:
+    _delegate(cfg, "archlab-generate", GenerateConfig, "archlab.generate_app:generate_from_run")
 
 
 def _first_set(value, fallback):
@@ -233,6 +251,14 @@ def train_main() -> None:
 
 def eval_main() -> None:
     _main(_eval_app, "archlab-eval")
+
+
+def export_main() -> None:
+    _main(_export_app, "archlab-export")
+
+
+def generate_main() -> None:
+    _main(_generate_app, "archlab-generate")
 
 
 def runs_main() -> None:

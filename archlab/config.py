@@ -128,6 +128,13 @@ class ModelConfig:
         2, "query blocks of the XLA attention kernel under a causal mask; blocks above the diagonal are skipped "
         "(1 = one dense block)")
     init_std: float = _help(0.02, "std of the normal initialiser")
+    embedding_dropout: float = _help(0.0, "dropout on the embeddings' sum, in training only (0 = off)")
+    attention_dropout: float = _help(0.0, "dropout on the attention weights, in training only (xla kernel)")
+    residual_dropout: float = _help(0.0, "dropout on each sublayer's output before the residual add, in training only")
+    init_from: Optional[str] = _help(None, (
+        "start from these weights instead of random ones: a Hugging Face directory (archlab-export's, or a "
+        "transformers GPT-2/BERT/T5) or an archlab run / checkpoints / step directory; the run must build the "
+        "same architecture and reads text with the source's tokenizer"))
     head_chunk: int = _help(
         -1,
         "tokens per chunk of the fused output head + cross-entropy in the training loss (the [tokens, vocab] "
@@ -159,6 +166,10 @@ class ModelConfig:
     @property
     def is_gated(self) -> bool:
         return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def has_dropout(self) -> bool:
+        return bool(self.embedding_dropout or self.attention_dropout or self.residual_dropout)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -220,6 +231,13 @@ def validate_model_config(cfg: ModelConfig) -> None:
         rope_theta=POSITIVE, relative_buckets=POSITIVE, relative_max_distance=POSITIVE, norm_eps=POSITIVE,
         type_vocab_size=NON_NEGATIVE, logits_pad_multiple=POSITIVE, init_std=POSITIVE, causal_blocks=POSITIVE,
     )
+    for name in ("embedding_dropout", "attention_dropout", "residual_dropout"):
+        rate = getattr(cfg, name)
+        if not 0 <= rate < 1:
+            raise ConfigError(f"model.{name} must be in [0, 1), got {rate}")
+    if cfg.attention_dropout and cfg.attention_kernel != "xla":
+        raise ConfigError(f"model.attention_dropout needs the xla attention kernel; {cfg.attention_kernel} has no "
+                          "dropout of its weights")
     if cfg.head_chunk < -1:
         raise ConfigError(f"model.head_chunk must be >= 0 (0 = no chunking) or -1 (auto), got {cfg.head_chunk}")
     if cfg.head_dim is None and cfg.d_model % cfg.n_heads:

@@ -18,7 +18,8 @@ from archlab.samples import sample_continuations, validation_prompts
 from archlab.schema import EvalConfig
 from archlab.train.checkpoint import Checkpointer
 from archlab.train.run_dir import CONFIG_FILE, under_restarted
-from archlab.train.tracking import Tracker, read_json_object
+from archlab.train.run_end import SAMPLE_COLUMNS
+from archlab.train.tracking import Tracker, read_json_object, wandb_options
 from archlab.trainer import Trainer, config_dict, load_run_config
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,18 @@ def find_runs(path: Path) -> tuple[list[Path], int | None]:
     if not runs:
         raise CheckpointError(f"no checkpoints in {path}")
     return runs, None
+
+
+def find_one_run(path: str, *, key: str, reader: str) -> tuple[Path, int | None]:
+    """The one run directory ``path`` names (``find_runs``, but a sweep directory is refused), and the
+    step a step directory names; ``key=path`` and ``reader`` name the setting and the app in the refusal."""
+    runs, step = find_runs(Path(path))
+    if len(runs) > 1:
+        raise CheckpointError(
+            f"{key}={path} holds {len(runs)} runs (a sweep directory); {reader} reads one run: name its "
+            f"directory, e.g. {key}={runs[0]}"
+        )
+    return runs[0], step
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
@@ -77,6 +90,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
             tags=[plan.model.family, train_cfg.objective.name, train_cfg.size_name], job_type="eval",
             config={"checkpoint": str(run_dir), "train": config_dict(train_cfg)},
             mode=cfg.logger.mode, entity=cfg.logger.entity, online_timeout=cfg.logger.online_timeout,
+            **wandb_options(cfg.logger, run_dir),  # beside the training runs of its experiment
         )
 
     results, tracker = [], None
@@ -93,8 +107,11 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, step: int | None) -> list[dict]
         result = {"run": str(run_dir), "step": step_k, "family": plan.model.family,
                   "objective": train_cfg.objective.name, **metrics}
         if cfg.samples and plan.model.family != "encoder_only":
-            result["samples"] = sample_continuations(trainer.model, trainer.tokenizer, prompts, cfg.max_new_tokens)
+            result["samples"] = sample_continuations(trainer.model, trainer.tokenizer, prompts, cfg.max_new_tokens,
+                                                      prefix=train_cfg.objective.name == "prefix_lm")
         tracker.log({**metrics, "tokens": step_k * plan.tokens_per_step}, step_k, replace=True)
+        tracker.log_table("eval/samples", SAMPLE_COLUMNS,
+                          [[step_k, s["prompt"], s["continuation"]] for s in result.get("samples", [])], step_k)
         _print_result(result)
         _record(run_dir, result)
         results.append(result)

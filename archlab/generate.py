@@ -12,6 +12,14 @@ slots carry segment id 0 (masked as keys) and each row's positions start at 0 at
 real token, so every row decodes exactly as it would alone. EncoderDecoder prompts are the
 encoder inputs, right-padded; the decoder starts from ``SPECIAL.pad`` (T5's start id).
 
+Prefix LM (``prefix=True``, for a DecoderOnly trained with ``objective=prefix_lm``): the prefill
+lets every prompt token attend to every real prompt token (the prompt is the bidirectional
+prefix it was trained with); the decode steps after it are causal, as in training.
+
+A DecoderOnly never draws a special id (``[PAD]``, ``[CLS]``, ``[SEP]``, ``[MASK]``, ``[BOS]``,
+the ``<extra_id_*>`` sentinels: ``archlab/tokens.py``), only text and EOS: their logits are set to
+-inf before sampling (``suppress_special``; the returned logits and logprobs stay the model's own).
+
 Shape letters as in ``archlab/nn/attention.py``; P is the padded prompt length.
 """
 
@@ -115,10 +123,28 @@ def sample_logits(
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def _choose(logits_BV: Array, rng: Array, done_B: Array, sampling: Sampling, eos_id: Array):
-    """Sample, emit padding for finished rows, mark rows that just produced EOS."""
+def allowed_ids(model: Model, suppress_special: bool | None = None) -> np.ndarray:
+    """``[V]`` bool: the ids generation may draw. ``suppress_special`` (default: for a DecoderOnly,
+    which never learnt to write them) bars the special ids and sentinels, except EOS; an
+    EncoderDecoder writes sentinels (span corruption's targets), so nothing is barred for it."""
+    vocab_size = model.cfg.vocab_size
+    if suppress_special is None:
+        suppress_special = model.cfg.family == "decoder_only"
+    ids_V = np.arange(vocab_size)
+    if not suppress_special:
+        return np.ones(vocab_size, bool)
+    room_for_sentinels = vocab_size > SPECIAL.n_reserved_low + SPECIAL.n_sentinels
+    special_V = SPECIAL.is_special(ids_V, vocab_size) if room_for_sentinels else ids_V < SPECIAL.n_reserved_low
+    return ~special_V | (ids_V == SPECIAL.eos)
+
+
+def _choose(logits_BV: Array, rng: Array, done_B: Array, sampling: Sampling, eos_id: Array, allowed_V: Array):
+    """Sample among the allowed ids (and the EOS id), emit padding for finished rows, mark rows that
+    just produced EOS. The logprob is the unmodified distribution's."""
     logits_BV = logits_BV.astype(jnp.float32)
-    token_B = sample_logits(logits_BV, rng, sampling.temperature, sampling.top_k, sampling.top_p)
+    allowed_V = allowed_V | (jnp.arange(logits_BV.shape[-1]) == eos_id)
+    drawn_BV = jnp.where(allowed_V, logits_BV, -jnp.inf)
+    token_B = sample_logits(drawn_BV, rng, sampling.temperature, sampling.top_k, sampling.top_p)
     token_B = jnp.where(done_B, SPECIAL.pad, token_B)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), token_B[:, None], axis=-1)[:, 0]
     return token_B, logprob_B, done_B | (token_B == eos_id)
@@ -129,22 +155,26 @@ def _choose(logits_BV: Array, rng: Array, done_B: Array, sampling: Sampling, eos
 _COMPILED: dict[tuple, tuple[Callable, Callable]] = {}
 
 
-def _decoder_only_functions(graphdef, sampling: Sampling) -> tuple[Callable, Callable]:
-    def prefill(state, prompt_BP, positions_BP, cache_segment_ids_BS, rng, eos_id):
+def _decoder_only_functions(graphdef, sampling: Sampling, prefix: bool) -> tuple[Callable, Callable]:
+    def prefill(state, prompt_BP, positions_BP, cache_segment_ids_BS, rng, eos_id, allowed_V):
         TRACE_COUNTS["decoder_only_prefill"] += 1
         model = nnx.merge(graphdef, state)
         batch, cache_len = cache_segment_ids_BS.shape
+        # Prefix LM: every real prompt token is prefix (padding slots stay masked as keys).
+        prefix_BP = cache_segment_ids_BS[:, :prompt_BP.shape[1]] != 0 if prefix else None
         hidden_BPD, caches = model.hidden(
             prompt_BP, positions_BT=positions_BP, caches=model.init_caches(batch, cache_len), cache_index=0,
-            cache_segment_ids_BS=cache_segment_ids_BS,
+            cache_segment_ids_BS=cache_segment_ids_BS, prefix_BT=prefix_BP,
         )
         rng, draw = jax.random.split(rng)
         # Left padding puts every row's last prompt token in the last column: only it needs the head.
         logits_BV = model.logits(hidden_BPD[:, -1:])[:, 0].astype(jnp.float32)
-        token_B, logprob_B, done_B = _choose(logits_BV, draw, jnp.zeros((batch,), bool), sampling, eos_id)
+        token_B, logprob_B, done_B = _choose(
+            logits_BV, draw, jnp.zeros((batch,), bool), sampling, eos_id, allowed_V
+        )
         return caches, token_B, logprob_B, done_B, logits_BV, rng
 
-    def step(state, caches, token_B, index, rng, done_B, eos_id, pad_B, cache_segment_ids_BS):
+    def step(state, caches, token_B, index, rng, done_B, eos_id, allowed_V, pad_B, cache_segment_ids_BS):
         TRACE_COUNTS["decoder_only_step"] += 1
         model = nnx.merge(graphdef, state)
         hidden_B1D, caches = model.hidden(
@@ -153,20 +183,26 @@ def _decoder_only_functions(graphdef, sampling: Sampling) -> tuple[Callable, Cal
         )
         rng, draw = jax.random.split(rng)
         logits_BV = model.logits(hidden_B1D)[:, 0].astype(jnp.float32)
-        token_B, logprob_B, done_B = _choose(logits_BV, draw, done_B, sampling, eos_id)
+        token_B, logprob_B, done_B = _choose(logits_BV, draw, done_B, sampling, eos_id, allowed_V)
         return caches, token_B, logprob_B, done_B, logits_BV, rng
 
     return jax.jit(prefill), jax.jit(step, donate_argnums=(1,))
 
 
 def _encoder_decoder_functions(graphdef, sampling: Sampling) -> tuple[Callable, Callable]:
-    def start(state, encoder_BS, encoder_segment_ids_BS):
-        """The encoder, and from its output every decoder layer's cross-attention keys and values."""
+    def start(state, encoder_BS, encoder_segment_ids_BS, rng, cache_len: int):
+        """The encoder, and from its output every decoder layer's cross-attention keys and values; the
+        empty caches, start tokens and flags, and the rng passed through. Made here, so the step's
+        inputs are typed (mesh axes included) as its outputs are: the step compiles once, not again
+        at its second call."""
         TRACE_COUNTS["encoder_decoder_encode"] += 1
         model = nnx.merge(graphdef, state)
-        return model.cross_kv(model.encode(encoder_BS, segment_ids_BS=encoder_segment_ids_BS))
+        batch = encoder_BS.shape[0]
+        cross_kv = model.cross_kv(model.encode(encoder_BS, segment_ids_BS=encoder_segment_ids_BS))
+        token_B = jnp.full((batch,), SPECIAL.pad, jnp.int32)
+        return cross_kv, model.init_caches(batch, cache_len), token_B, jnp.zeros((batch,), bool), rng
 
-    def step(state, caches, token_B, index, rng, done_B, eos_id, cross_kv, encoder_segment_ids_BS):
+    def step(state, caches, token_B, index, rng, done_B, eos_id, allowed_V, cross_kv, encoder_segment_ids_BS):
         TRACE_COUNTS["encoder_decoder_step"] += 1
         model = nnx.merge(graphdef, state)
         positions_B1 = jnp.full((token_B.shape[0], 1), index, jnp.int32)
@@ -176,20 +212,22 @@ def _encoder_decoder_functions(graphdef, sampling: Sampling) -> tuple[Callable, 
         )
         rng, draw = jax.random.split(rng)
         logits_BV = model.logits(hidden_B1D)[:, 0].astype(jnp.float32)
-        token_B, logprob_B, done_B = _choose(logits_BV, draw, done_B, sampling, eos_id)
+        token_B, logprob_B, done_B = _choose(logits_BV, draw, done_B, sampling, eos_id, allowed_V)
         return caches, token_B, logprob_B, done_B, logits_BV, rng
 
-    return jax.jit(start), jax.jit(step, donate_argnums=(1,))
+    return jax.jit(start, static_argnums=(4,)), jax.jit(step, donate_argnums=(1,))
 
 
-def _functions(model: Model, graphdef, state, sampling: Sampling) -> tuple[Callable, Callable]:
+def _functions(model: Model, graphdef, state, sampling: Sampling, prefix: bool) -> tuple[Callable, Callable]:
     """The jitted pair, shared by every model with the same config and parameter tree."""
-    key = (model.cfg.family, dataclasses.astuple(model.cfg), jax.tree.structure(state), sampling)
+    key = (model.cfg.family, dataclasses.astuple(model.cfg), jax.tree.structure(state), sampling, prefix)
     if key not in _COMPILED:
         if len(_COMPILED) >= 32:
             _COMPILED.clear()
-        build = _decoder_only_functions if model.cfg.family == "decoder_only" else _encoder_decoder_functions
-        _COMPILED[key] = build(graphdef, sampling)
+        if model.cfg.family == "decoder_only":
+            _COMPILED[key] = _decoder_only_functions(graphdef, sampling, prefix)
+        else:
+            _COMPILED[key] = _encoder_decoder_functions(graphdef, sampling)
     return _COMPILED[key]
 
 
@@ -257,9 +295,12 @@ class Decoder:
         self, model: Model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_tokens: int,
         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
         eos_id: int | None = SPECIAL.eos, seed: int = 0, max_len: int | None = None,
+        prefix: bool = False, suppress_special: bool | None = None,
     ):
         if model.cfg.family == "encoder_only":
             raise ConfigError("encoder_only models have no decoder to generate with; use MLM scoring instead")
+        if prefix and model.cfg.family != "decoder_only":
+            raise ConfigError(f"prefix=True conditions a decoder_only (prefix-LM) model, not {model.cfg.family}")
         sampling = Sampling(temperature, top_k, top_p)
         self.model, self.eos_id = model, eos_id
         self.rows = _as_rows(prompts, model.cfg.vocab_size)
@@ -268,7 +309,8 @@ class Decoder:
         self.cache_len = _check_lengths(model, self.prompt_len, max_new_tokens, max_len)
         self.eos = np.int32(-1 if eos_id is None else eos_id)  # traced: a new EOS id does not recompile
         graphdef, self.state = nnx.split(model)
-        self._start, self._step = _functions(model, graphdef, self.state, sampling)
+        self._start, self._step = _functions(model, graphdef, self.state, sampling, prefix)
+        self.allowed_V = jnp.asarray(allowed_ids(model, suppress_special))
         self.rng = jax.random.key(seed)
         self.outputs: list[tuple[Array, Array, Array]] = []  # (token_B, logprob_B, logits_BV) per token
 
@@ -291,17 +333,16 @@ class Decoder:
             cache_segment_ids_BS = np.ones((n, self.cache_len), np.int32)
             cache_segment_ids_BS[:, :self.prompt_len] = segment_ids_BP
             self.caches, self.token_B, logprob_B, self.done_B, logits_BV, self.rng = self._start(
-                self.state, prompt_BP, positions_BP, cache_segment_ids_BS, self.rng, self.eos
+                self.state, prompt_BP, positions_BP, cache_segment_ids_BS, self.rng, self.eos, self.allowed_V
             )
             self.outputs.append((self.token_B, logprob_B, logits_BV))
             self.constants = (jnp.asarray(pad_B), jnp.asarray(cache_segment_ids_BS))
             self.index = self.prompt_len
         else:
             encoder_BS, encoder_segment_ids_BS = _pad(rows, left=False)
-            cross_kv = self._start(self.state, encoder_BS, encoder_segment_ids_BS)
-            self.caches = self.model.init_caches(n, self.cache_len)
-            self.token_B = jnp.full((n,), SPECIAL.pad, jnp.int32)
-            self.done_B = jnp.zeros((n,), bool)
+            cross_kv, self.caches, self.token_B, self.done_B, self.rng = self._start(
+                self.state, encoder_BS, encoder_segment_ids_BS, self.rng, self.cache_len
+            )
             self.constants = (cross_kv, jnp.asarray(encoder_segment_ids_BS))
             self.index = 0
         return self
@@ -310,7 +351,8 @@ class Decoder:
         """One token for every row; returns the step's raw logits ``[B, V]``."""
         index = np.int32(self.index)  # traced by the step: no recompilation per token
         self.caches, self.token_B, logprob_B, self.done_B, logits_BV, self.rng = self._step(
-            self.state, self.caches, self.token_B, index, self.rng, self.done_B, self.eos, *self.constants
+            self.state, self.caches, self.token_B, index, self.rng, self.done_B, self.eos, self.allowed_V,
+            *self.constants,
         )
         self.outputs.append((self.token_B, logprob_B, logits_BV))
         self.index += 1
@@ -332,16 +374,21 @@ def generate(
     seed: int = 0,
     max_len: int | None = None,
     return_logits: bool = False,
+    prefix: bool = False,
+    suppress_special: bool | None = None,
 ) -> GenerationResult:
     """Continue each prompt (DecoderOnly) or decode from each encoder input (EncoderDecoder).
 
     Rows stop at ``eos_id`` (None: never) and the loop ends once every row has. ``max_len`` is
     the KV-cache length (default: just enough: longest prompt + ``max_new_tokens`` for
     DecoderOnly, ``max_new_tokens`` for the EncoderDecoder decoder). All randomness comes from
-    ``jax.random.key(seed)``, split once per step.
+    ``jax.random.key(seed)``, split once per step. ``prefix=True`` reads each prompt as a prefix-LM
+    model's bidirectional prefix; ``suppress_special`` bars special ids (default: DecoderOnly; see
+    the module docstring).
     """
     decoder = Decoder(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, eos_id=eos_id, seed=seed, max_len=max_len).start()
+                      top_p=top_p, eos_id=eos_id, seed=seed, max_len=max_len, prefix=prefix,
+                      suppress_special=suppress_special).start()
     while decoder.steps_left > 0 and not decoder.done:  # one host sync per token: stop at EOS
         decoder.step()
     return decoder.result(return_logits)

@@ -20,6 +20,8 @@ _CONF = Path(__file__).resolve().parent / "conf"
 APP_GROUPS = {
     "train": ("model", "size", "objective", "data", "optimizer", "run", "logger", "rules", "experiment", "sweep"),
     "eval": ("data", "logger"),
+    "export": (),
+    "generate": (),
 }
 
 
@@ -65,9 +67,9 @@ def setting_lines(schema: type, prefix: str = "") -> list[str]:
 
 
 def _settings_help(app: str) -> str:
-    from archlab.schema import EvalConfig, TrainConfig
+    from archlab.trainer import APPS
 
-    schema = {"train": TrainConfig, "eval": EvalConfig}[app]
+    schema = APPS[app]
     return "\n".join(setting_lines(schema)).replace("$", "$$")  # Hydra's template is a string.Template
 
 

@@ -118,8 +118,11 @@ def table_rows(roots: list[Path]) -> list[RunRow]:
         root = Path(root)
         for run_dir in run_dirs(root):
             relative = run_dir.relative_to(root).as_posix()
-            name = relative if len(roots) == 1 else f"{root.name}/{relative}".rstrip("/.")
-            rows.append(read_row(run_dir, name if name not in ("", ".") else root.name))
+            if relative == ".":  # the root is itself a run
+                name = root.name
+            else:
+                name = relative if len(roots) == 1 else f"{root.name}/{relative}"
+            rows.append(read_row(run_dir, name))
     return rows
 
 

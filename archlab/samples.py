@@ -31,24 +31,47 @@ def validation_prompts(rows: PackedRows, n_prompts: int, n_tokens: int) -> list[
     return prompts
 
 
-def sample_continuations(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
+def span_continuation(ids: list[int], vocab_size: int) -> list[int]:
+    """What an encoder-decoder wrote for the prompt's trailing sentinel 0: its output without the
+    leading ``<extra_id_0>``, up to the next sentinel (the start of a span it invented after it)."""
+    first_sentinel = SPECIAL.first_sentinel_id(vocab_size)
+    if ids and ids[0] == SPECIAL.sentinel_id(0, vocab_size):
+        ids = ids[1:]
+    end = next((i for i, t in enumerate(ids) if t >= first_sentinel), len(ids))
+    return ids[:end]
+
+
+def generation_inputs(family: str, prompt_ids: list[list[int]], vocab_size: int) -> list[list[int]]:
+    """The model's inputs for these prompts: themselves (decoder-only), or each followed by sentinel 0
+    (an encoder-decoder trained by span corruption learnt to fill a sentinel: the decoder writes
+    what follows the prompt)."""
+    if family == "decoder_only":
+        return prompt_ids
+    sentinel = SPECIAL.sentinel_id(0, vocab_size)
+    return [ids + [sentinel] for ids in prompt_ids]
+
+
+def sample_continuations(
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, *, prefix: bool = False
+) -> list[dict]:
     """Greedy continuations through the KV-cache generation path, as ``{"prompt", "continuation"}`` text.
 
-    An encoder-decoder trained by span corruption learnt to fill a sentinel: the prompt ends in one,
-    so the decoder writes what follows the prompt.
+    ``prefix``: the model is a prefix LM (``objective=prefix_lm``), conditioned on each prompt as its
+    bidirectional prefix. An encoder-decoder's continuation is the span it writes for sentinel 0.
     """
     from archlab.generate import generate
 
     if not prompt_ids:
         return []
-    inputs = prompt_ids
-    if model.cfg.family == "decoder_only":
+    family = model.cfg.family
+    inputs = generation_inputs(family, prompt_ids, model.cfg.vocab_size)
+    if family == "decoder_only":
         max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - max(len(ids) for ids in prompt_ids))
-    else:
-        sentinel = SPECIAL.sentinel_id(0, model.cfg.vocab_size)
-        inputs = [ids + [sentinel] for ids in prompt_ids]
     if max_new_tokens < 1:
         return []
-    result = generate(model, inputs, max_new_tokens=max_new_tokens)
+    result = generate(model, inputs, max_new_tokens=max_new_tokens, prefix=prefix and family == "decoder_only")
+    outputs = result.tokens if family == "decoder_only" else [
+        span_continuation(out, model.cfg.vocab_size) for out in result.tokens]
     return [{"prompt": tokenizer.decode(ids), "continuation": tokenizer.decode(out)}
-            for ids, out in zip(prompt_ids, result.tokens)]
+            for ids, out in zip(prompt_ids, outputs)]
+

@@ -7,6 +7,7 @@ refuses values that cannot work together before anything is compiled or written.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -14,7 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from archlab.config import (
-    AT_LEAST_ONE, BETA, FAMILIES, FRACTION, NON_NEGATIVE, POSITIVE, Interval, ModelConfig, _help, check_fields,
+    AT_LEAST_ONE, BETA, FAMILIES, FRACTION, KV_CACHE_DTYPES, NON_NEGATIVE, POSITIVE, Interval, ModelConfig, _help,
+    check_fields,
 )
 from archlab.errors import ConfigError
 
@@ -26,6 +28,7 @@ NAN_TARGETS = ("loss", "gradients")
 LOGGER_BACKENDS = ("wandb", "none")
 DATA_SOURCES = ("shakespeare", "files", "hf", "english")  # archlab.data.sources.SOURCES (kept light to import)
 WANDB_MODES = ("offline", "online", "disabled")
+WANDB_CONSOLE = ("off", "wrap", "redirect", "auto")  # wandb.Settings.console ("auto" is "wrap")
 SEEDS = Interval(0, 2**32)  # the data pipeline's shuffle takes a 32-bit seed
 
 
@@ -55,12 +58,33 @@ class ObjectiveConfig:
 
 
 @dataclass
+class SpecialTokensConfig:
+    """For a tokenizer made elsewhere (data.tokenizer_file, or model.init_from's): the token playing each
+    role. Unset: the tokenizer's special_tokens_map.json, then well-known names (archlab/data/foreign.py)."""
+
+    pad: Optional[str] = _help(None, "padding (a filler behind the segment mask; added when missing)")
+    cls: Optional[str] = _help(None, "classification token (added when missing)")
+    sep: Optional[str] = _help(None, "separator (added when missing)")
+    mask: Optional[str] = _help(None, "MLM's mask token (objective=mlm needs one)")
+    bos: Optional[str] = _help(None, "beginning of sequence (added when missing)")
+    eos: Optional[str] = _help(None, "end of a document, e.g. GPT-2's '<|endoftext|>' (clm, prefix_lm and "
+                                     "span_corruption need one)")
+
+    def given(self) -> dict[str, str]:
+        """The roles named here, ``{role: token}``."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class DataConfig:
     source: str = _help("shakespeare", "shakespeare (embedded) | files | hf | english (pip extra [study])")
     options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "source options (globs, hub name, ...)"})
     vocab_size: int = _help(2048, "BPE vocabulary size (6 specials and 100 sentinels included)")
     seq_len: int = _help(128, "tokens per row (encoder inputs for span corruption)")
-    tokenizer_file: Optional[str] = _help(None, "use this tokenizer.json instead of training one")
+    tokenizer_file: Optional[str] = _help(None, (
+        "use this tokenizer.json instead of training one; one made elsewhere (GPT-2's, BERT's, T5's) is renumbered "
+        "into archlab's special-token layout"))
+    special_tokens: SpecialTokensConfig = field(default_factory=lambda: SpecialTokensConfig())
     cache_dir: Optional[str] = _help(None, "tokenizer/corpus cache root; default ~/.cache/archlab or $ARCHLAB_CACHE")
 
     def __post_init__(self) -> None:
@@ -212,13 +236,88 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list, metadata={"help": "extra W&B tags"})
     online_timeout: float = _help(30.0, (
         "seconds an online W&B start may take (server unreachable, say) before the run logs offline instead"))
+    dir: Optional[str] = _help(None, (
+        "folder whose wandb/ subfolder holds the W&B run files (wandb.init's dir); null: the run directory's "
+        "parent, runs/<experiment>/, so every run of an experiment is in runs/<experiment>/wandb/"))
+    system_metrics: bool = _help(False, "W&B samples system metrics (CPU, GPU, memory) every 15 s")
+    console: str = _help("off", (
+        "W&B console capture (its Logs tab): off | wrap (stdout/stderr write methods) | redirect (file "
+        "descriptors) | auto (wrap); off leaves progress bars alone"))
+    log_checkpoints: bool = _help(False, (
+        "at the end of a run, log the final checkpoint directory as a W&B artifact of type model "
+        "(model-<run id>, step and val/loss in its metadata; copied into W&B's staging area until uploaded)"))
 
     def __post_init__(self) -> None:
         check_fields("logger", self, online_timeout=POSITIVE)
+        if self.console not in WANDB_CONSOLE:
+            raise ConfigError(f"logger.console={self.console!r} is not one of {', '.join(WANDB_CONSOLE)}")
+        if self.dir is not None and not self.dir.strip():
+            raise ConfigError("logger.dir must be a folder, got an empty string (null: runs/<experiment>/)")
         if self.backend not in LOGGER_BACKENDS:
             raise ConfigError(f"logger.backend={self.backend!r} is not one of wandb, none")
         if self.mode not in WANDB_MODES:
             raise ConfigError(f"logger.mode={self.mode!r} is not one of {', '.join(WANDB_MODES)}")
+
+
+MESH_AXES = ("data", "fsdp", "tensor")  # archlab.train.sharding builds its jax Mesh with these axes
+# Every logical axis name a parameter or a batch dimension carries (archlab.train.sharding.PARAM_AXES).
+LOGICAL_AXES = ("batch", "length", "layers", "embed", "mlp", "heads", "kv_heads", "vocab", "positions",
+                "token_types", "relative_buckets", "norm")
+
+
+def default_mesh_rules() -> dict[str, Any]:
+    """FSDP splits ``embed`` (and the batch) over ``fsdp``; tensor parallelism splits the MLP's hidden
+    units, the attention heads and the vocabulary over ``tensor``; the rest is replicated."""
+    return {"batch": ["data", "fsdp"], "length": None, "layers": None, "embed": "fsdp", "mlp": "tensor",
+            "heads": "tensor", "kv_heads": "tensor", "vocab": "tensor", "positions": None, "token_types": None,
+            "relative_buckets": None, "norm": None}
+
+
+@dataclass
+class MeshConfig:
+    """The device mesh ``(data, fsdp, tensor)`` and the rules that map logical axes onto it
+    (archlab/train/sharding.py). One device is a 1x1x1 mesh; the default puts every device on ``data``."""
+
+    data: int = _help(-1, "data-parallel replicas; -1 = the devices fsdp x tensor leave")
+    fsdp: int = _help(1, "FSDP shards: parameters and Adam moments split along mesh.rules' fsdp axes (embed)")
+    tensor: int = _help(1, "tensor-parallel shards: mlp, heads, kv_heads and vocab split (mesh.rules)")
+    rules: Dict[str, Any] = field(default_factory=default_mesh_rules, metadata={"help": (
+        "logical axis -> mesh axis (data | fsdp | tensor), a list of them, or null (replicated); logical axes: "
+        + ", ".join(LOGICAL_AXES) + "; e.g. mesh.rules.vocab=null keeps the vocabulary whole")})
+
+    def __post_init__(self) -> None:
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        for axis, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh.{axis} must be a positive number of devices or -1 (the rest), got {size}")
+        if list(sizes.values()).count(-1) > 1:
+            rest = [f"mesh.{a}" for a, s in sizes.items() if s == -1]
+            raise ConfigError(f"only one of mesh.data, mesh.fsdp, mesh.tensor can be -1 (the rest), got {' and '.join(rest)}")
+        for name, axes in self.rules.items():
+            if name not in LOGICAL_AXES:
+                raise ConfigError(f"mesh.rules.{name} is not a logical axis; the logical axes are {', '.join(LOGICAL_AXES)}")
+            listed = [] if axes is None else [axes] if isinstance(axes, str) else list(axes)
+            if any(a not in MESH_AXES for a in listed) or len(set(listed)) != len(listed):
+                raise ConfigError(
+                    f"mesh.rules.{name}={axes!r} must name distinct mesh axes ({', '.join(MESH_AXES)}), or be null")
+
+    def shape(self, n_devices: int) -> dict[str, int]:
+        """``{axis: size}`` on ``n_devices`` devices (-1 resolved); refused when the sizes do not fit them."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        known = 1
+        for size in sizes.values():
+            known *= size if size > 0 else 1
+        product = " x ".join(f"mesh.{a}" for a, s in sizes.items() if s > 0)
+        if -1 in sizes.values():
+            rest = next(a for a, s in sizes.items() if s == -1)
+            if n_devices % known:
+                raise ConfigError(f"{product} = {known} does not divide the {n_devices} devices "
+                                  f"(mesh.{rest}=-1 takes the rest)")
+            return {a: (s if s > 0 else n_devices // known) for a, s in sizes.items()}
+        if known != n_devices:
+            raise ConfigError(f"{product} = {' x '.join(str(s) for s in sizes.values())} = {known} devices, but there "
+                              f"are {n_devices}; set one of them to -1 to take the rest")
+        return sizes
 
 
 @dataclass
@@ -232,6 +331,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     size_name: str = _help("custom", "name of the size preset (set by conf/size/*)")
     experiment: str = _help("default", "experiment or sweep name; the W&B group and runs/ folder")
 
@@ -274,6 +374,57 @@ class EvalConfig:
             raise ConfigError(f"expect_family={self.expect_family!r} is not one of {', '.join(FAMILIES)}")
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: str = _help("???", "a run directory, its checkpoints/ directory, or one step directory")
+    step: Optional[int] = _help(None, "export this step; default: the newest that verifies")
+    out: str = _help("???", (
+        "the Hugging Face directory to write (config.json, model.safetensors, tokenizer files); it must not "
+        "exist or be empty"))
+
+    def __post_init__(self) -> None:
+        check_fields("", self, step=NON_NEGATIVE)
+
+
+TOP_P = Interval(0, 1, low_open=True, high_open=False)
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = _help("???", "one run: its directory, its checkpoints/ directory or one step directory")
+    step: Optional[int] = _help(None, "generate with this step; default: the newest that verifies")
+    prompts: List[str] = field(default_factory=list, metadata={"help": (
+        "texts to continue, e.g. 'prompts=[\"To be, or not\",\"The king\"]'")})
+    prompts_file: Optional[str] = _help(None, "a UTF-8 text file, one prompt per line (blank lines skipped); - = stdin")
+    validation_prompts: int = _help(3, (
+        "without prompts or prompts_file: continue this many held-out validation documents' openings"))
+    prompt_tokens: int = _help(16, "tokens of each validation document's opening used as a prompt")
+    max_new_tokens: int = _help(40, "tokens generated per continuation (fewer where a row writes EOS)")
+    temperature: float = _help(0.0, "0 = greedy (argmax); above 0, sample from softmax(logits / temperature)")
+    top_k: Optional[int] = _help(None, "sample among the k most likely tokens only (temperature > 0)")
+    top_p: Optional[float] = _help(None, "nucleus sampling: the smallest set of tokens holding this probability")
+    seed: int = _help(0, "sampling seed; sample i of every prompt draws from the stream of seed + i")
+    num_samples: int = _help(1, "continuations per prompt (needs temperature > 0: greedy ones would be identical)")
+    kv_cache_dtype: Optional[str] = _help(None, "KV-cache storage: null = the model's own | auto | bfloat16 | float32 | int8")
+    output: Optional[str] = _help(None, "also write one JSON line per continuation to this new file (never overwritten)")
+
+    def __post_init__(self) -> None:
+        check_fields(
+            "", self, step=NON_NEGATIVE, validation_prompts=AT_LEAST_ONE, prompt_tokens=AT_LEAST_ONE,
+            max_new_tokens=AT_LEAST_ONE, temperature=NON_NEGATIVE, top_k=AT_LEAST_ONE, top_p=TOP_P, seed=SEEDS,
+            num_samples=AT_LEAST_ONE,
+        )
+        if self.num_samples > 1 and self.temperature == 0:
+            raise ConfigError(f"num_samples={self.num_samples} needs temperature > 0: greedy decoding "
+                              "(temperature=0) gives the same continuation every time")
+        if self.prompts and self.prompts_file is not None:
+            raise ConfigError("give prompts or prompts_file, not both")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of null, {', '.join(KV_CACHE_DTYPES)}")
+        if any(not text for text in self.prompts):
+            raise ConfigError("prompts holds an empty prompt; every prompt needs some text")
+
+
 # What a size= preset sets; a reference architecture's model= option keeps the rest of its preset.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "max_seq_len")
 
@@ -297,5 +448,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="generate_schema", node=GenerateConfig)
+    store.store(name="export_schema", node=ExportConfig)
     for name in PRESETS:
         store.store(group="model", name=name, node=reference_components(name))

@@ -27,9 +27,10 @@ from omegaconf import OmegaConf
 
 from archlab.config import resolve_auto
 from archlab.errors import CheckpointError, ConfigError
-from archlab.schema import DataConfig, EvalConfig, TrainConfig
+from archlab.schema import DataConfig, EvalConfig, ExportConfig, GenerateConfig, MeshConfig, TrainConfig
 
-APPS = {"train": TrainConfig, "eval": EvalConfig}
+# Each app's config name (archlab/conf/<app>.yaml) and schema.
+APPS = {"train": TrainConfig, "eval": EvalConfig, "export": ExportConfig, "generate": GenerateConfig}
 
 
 def compose(overrides: Sequence[str] = (), app: str = "train") -> TrainConfig | EvalConfig:
@@ -47,12 +48,18 @@ def compose(overrides: Sequence[str] = (), app: str = "train") -> TrainConfig | 
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` as it will run: ``auto`` values resolved (``config.resolve_auto``), the rule file's
-    hyperparameters applied (``train/rules.py``)."""
+    """``cfg`` as it will run: ``auto`` values resolved (``config.resolve_auto``), a ``-1`` mesh size
+    resolved on this machine's devices, the rule file's hyperparameters applied (``train/rules.py``)."""
     from archlab.train.rules import apply_rules
 
     model = resolve_auto(cfg.model)
-    return apply_rules(cfg if model is cfg.model else dataclasses.replace(cfg, model=model))
+    if model is not cfg.model:
+        cfg = dataclasses.replace(cfg, model=model)
+    if -1 in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor):  # recorded as it ran: mesh.data=-1 -> 8
+        import jax
+
+        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **cfg.mesh.shape(jax.device_count())))
+    return apply_rules(cfg)
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -91,8 +98,10 @@ def check_config(cfg: TrainConfig) -> None:
     from archlab.train.branches import plan_branches
     from archlab.train.setup import check_batch, make_plan, objective_transform
 
+    from archlab.train.sharding import check_mesh
+
     check_batch(cfg)
-    make_plan(cfg, cfg.data.vocab_size)
+    check_mesh(cfg, make_plan(cfg, cfg.data.vocab_size).model)  # devices, batch, heads, sharded dimensions
     objective_transform(cfg, cfg.data.vocab_size)
     plan_branches(cfg, cfg.data.vocab_size)
     from archlab.train.members import member_configs
@@ -106,11 +115,14 @@ class Trainer:
     ``tokenizer_file`` (a run's saved tokenizer) fixes the tokenizer; the corpus is then packed
     only when first used (scoring a checkpoint needs the model, not the corpus); ``corpus`` shares
     one already packed (packed members of one shape). With ``abstract=True`` the state holds shapes
-    only: the target of a restore, no parameters drawn.
+    only: the target of a restore, no parameters drawn. ``model.init_from`` fills the parameters from
+    its source instead of drawing them (``train/init_from.py``), unless ``init_weights=False`` (a resumed
+    run, whose checkpoint replaces them).
     """
 
     def __init__(
         self, cfg: TrainConfig, *, tokenizer_file: str | Path | None = None, abstract: bool = False, corpus=None,
+        init_weights: bool = True,
     ):
         import jax
         from flax import nnx
@@ -119,11 +131,26 @@ class Trainer:
         from archlab.nn.models import build_model
         from archlab.train.optim import make_optimizer, schedule_points
         from archlab.train.setup import make_plan, objective_transform
-        from archlab.train.sharding import Mesh1D
+        from archlab.train.sharding import MeshPlan, check_divisible, check_mesh
         from archlab.train.state import TrainState
 
         self.cfg = cfg = resolved(cfg)
         check_config(cfg)
+        source, named = None, cfg.data.tokenizer_file
+        if cfg.model.init_from and init_weights and not abstract:
+            from archlab.train import init_from
+
+            source = init_from.find_source(cfg.model.init_from)
+            named = init_from.source_tokenizer(source, cfg.data.tokenizer_file)
+        if tokenizer_file is None and named is not None:
+            # A tokenizer made elsewhere is renumbered into archlab's special-token layout (data/foreign.py).
+            from archlab.data.foreign import adapted_tokenizer_file
+
+            tokenizer_file, new_to_old = adapted_tokenizer_file(
+                named, objective=cfg.objective.name, special_tokens=cfg.data.special_tokens.given(), cache_dir=cfg.data.cache_dir)
+            if source is not None:
+                source = dataclasses.replace(source, new_to_old=new_to_old)
+        self.init_source = source
         self.tokenizer_file = tokenizer_file
         if corpus is not None:
             self.__dict__["corpus"] = corpus  # what the cached property would hold
@@ -131,17 +158,25 @@ class Trainer:
         self.plan = make_plan(cfg, self.tokenizer.vocab_size)
         self.transform = objective_transform(cfg, self.tokenizer.vocab_size)
         build = functools.partial(build_model, self.plan.model, seed=cfg.run.seed)
+        if source is not None:
+            init_from.check_source(source, self.plan.model, cfg.data.tokenizer_file)
+            from archlab.convert import model_from_params
+
+            build = functools.partial(model_from_params, self.plan.model, init_from.source_params(source, self.plan.model),
+                                      f"model.init_from={source.path}")
         self.graphdef, params = nnx.split(nnx.eval_shape(build) if abstract else build())
         self.tx, self.schedule = make_optimizer(cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step)
         # A trunk (run.branches) runs at the peak rate; its branches cool down (train/branches.py).
         self.schedule_points = schedule_points(
             cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step, trunk=bool(cfg.run.branches)
         )
-        self.mesh = Mesh1D()
+        # The state is laid out on the (data, fsdp, tensor) mesh by logical axis names (train/sharding.py).
+        self.mesh = MeshPlan(cfg.mesh, sizes=check_mesh(cfg))
+        check_divisible(params, self.mesh.sizes, self.mesh.rules)  # the real vocabulary's tables too
         if abstract:
-            self.state = jax.eval_shape(lambda p: TrainState.create(p, self.tx), params)
+            self.state = self.mesh.abstract(jax.eval_shape(lambda p: TrainState.create(p, self.tx), params))
         else:
-            self.state = self.mesh.replicate(TrainState.create(params, self.tx))
+            self.state = self.mesh.place(TrainState.create(params, self.tx))
 
     # -- data --------------------------------------------------------------------------------
 
@@ -188,7 +223,8 @@ class Trainer:
         return make_train_step(
             self.graphdef, self.tx, grad_accum_steps=self.cfg.optimizer.grad_accum_steps,
             skip_nonfinite=run.on_nonfinite == "skip", inject_nan_at_step=run.inject_nan_at_step,
-            inject_nan_into=run.inject_nan_into,
+            inject_nan_into=run.inject_nan_into, shard=self.mesh,
+            dropout_seed=run.seed if self.plan.model.has_dropout else None,
         )
 
     @functools.cached_property
@@ -196,7 +232,7 @@ class Trainer:
         """The jitted ``(params, batch) -> sums`` of loss, weight and correct predictions."""
         from archlab.train.step import make_eval_step
 
-        return make_eval_step(self.graphdef)
+        return make_eval_step(self.graphdef, shard=self.mesh)
 
     def step(self, batch: dict) -> dict:
         """Apply one update to ``self.state`` from a host batch; returns the step's metrics."""
@@ -263,7 +299,7 @@ class Trainer:
                 f"checkpoint step {step} in {checkpoints.directory} does not match its saved config "
                 f"({str(error).splitlines()[0]})"
             ) from error
-        self.state = from_checkpoint(restored.state, self.state)
+        self.state = self.mesh.place(from_checkpoint(restored.state, self.state))
         return restored
 
     @classmethod
@@ -275,7 +311,8 @@ class Trainer:
         from archlab.train.run_dir import TOKENIZER_FILE
 
         run_dir = Path(run_dir)
-        cfg = load_run_config(run_dir)
+        # Read on this machine's devices, whatever mesh trained it (orbax reshards on restore).
+        cfg = dataclasses.replace(load_run_config(run_dir), mesh=MeshConfig())
         if data is not None:
             cfg = dataclasses.replace(
                 cfg, data=dataclasses.replace(data, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)

@@ -86,7 +86,8 @@ def environment(work: Path, cache: Path) -> dict[str, str]:
 
 def command(settings: Settings, run_dir: Path, cache: Path) -> list[str]:
     args = [*SMALL, f"run.steps={settings.steps}", f"run.checkpoint_every={settings.checkpoint_every}",
-            f"run.eval_every={settings.eval_every}", f"data.cache_dir={cache}", f"run.dir={run_dir}"]
+            f"run.eval_every={settings.eval_every}", f"data.cache_dir={cache}", f"run.dir={run_dir}",
+            f"logger.dir={run_dir}"]  # W&B files in run_dir/wandb/: the reference run's stay out of wandb_ids
     return [sys.executable, "-c", "from archlab.cli import train_main; train_main()", *args]
 
 

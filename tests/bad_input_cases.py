@@ -43,6 +43,14 @@ def evaluation(name, what, args, pattern, **kw) -> Case:
     return Case(name, what, tuple(args) + ("logger=none",), pattern, app="eval_main", small=False, **kw)
 
 
+def generation(name, what, args, pattern, **kw) -> Case:
+    return Case(name, what, tuple(args), pattern, app="generate_main", small=False, **kw)
+
+
+def exporting(name, what, args, pattern, **kw) -> Case:
+    return Case(name, what, tuple(args), pattern, app="export_main", small=False, **kw)
+
+
 def runs(name, what, args, pattern, **kw) -> Case:
     return Case(name, what, tuple(args), pattern, app="runs_main", small=False, **kw)
 
@@ -53,7 +61,7 @@ CASES = [
     train("unknown_key", "a top-level key that is not in the schema", ["foo=1"], r"Could not override 'foo'; Key 'foo' not in 'TrainConfig'"),
     train("unknown_model_key", "a misspelt model field", ["model.dmodel=64"], r"Key 'dmodel' not in 'ModelConfig'"),
     train("added_unread_key", "an added key no schema field reads", ["+model.foo=1"], r"model.foo is not a setting: no field of the schema reads it"),
-    train("added_unread_group", "an added group that does not exist", ["+mesh.fsdp=2", "+mesh.tensor=2"], r"mesh.fsdp \(nor mesh.tensor\) is not a setting"),
+    train("added_unread_group", "an added group that does not exist", ["+cluster.nodes=2", "+cluster.gpus=2"], r"cluster.nodes \(nor cluster.gpus\) is not a setting"),
     train("wrong_type", "a string where an integer belongs", ["run.batch_size=abc"], r"Value 'abc' of type 'str' could not be converted to Integer"),
     train("mlm_on_decoder", "MLM paired with decoder-only", ["objective=mlm"], r"objective 'mlm' trains encoder_only models, not decoder_only"),
     train("clm_on_encoder", "causal LM paired with encoder-only", ["model=encoder_only"], r"objective 'clm' trains decoder_only models, not encoder_only"),
@@ -79,6 +87,9 @@ CASES = [
     train("zero_max_skips", "stopping after 0 skipped updates in a row", ["run.max_skips_in_a_row=0"], r"run.max_skips_in_a_row must be at least 1, got 0$"),
     train("zero_online_timeout", "a W&B online start allowed 0 seconds", ["logger.online_timeout=0"], r"logger.online_timeout must be positive, got 0.0$"),
     train("nan_online_timeout", "a W&B online timeout of nan", ["logger.online_timeout=nan"], r"logger.online_timeout must be finite, got nan$"),
+    train("unknown_wandb_console", "a W&B console capture mode that does not exist", ["logger.console=tee"], r"logger.console='tee' is not one of off, wrap, redirect, auto$"),
+    train("empty_wandb_dir", "an empty W&B folder", ["logger.dir=''"], r"logger.dir must be a folder, got an empty string \(null: runs/<experiment>/\)$"),
+    train("system_metrics_not_bool", "logger.system_metrics given a word that is not a boolean", ["logger.system_metrics=sometimes"], r"Value 'sometimes' is not a valid bool"),
     train("restart_not_bool", "run.restart given a word that is not a boolean", ["run.restart=maybe"], r"Value 'maybe' is not a valid bool"),
     train("negative_keep_set_aside", "a negative number of set-aside checkpoint directories to keep", ["run.keep_set_aside=-1"], r"run.keep_set_aside must be at least 0, got -1$"),
     train("unknown_logger", "an unknown logger backend", ["logger.backend=tensorboard"], r"logger.backend='tensorboard' is not one of wandb, none"),
@@ -116,6 +127,15 @@ CASES = [
     train("negative_type_vocab_size", "a negative token-type vocabulary", ["model.type_vocab_size=-1"], r"model.type_vocab_size must be at least 0, got -1"),
     train("relative_buckets_too_few", "T5 relative positions with 2 buckets (none exact per direction)", ["model=t5", "objective=span_corruption", "model.relative_buckets=2"], r"model.relative_buckets must be at least 4 for bidirectional attention, got 2"),
     train("relative_distance_inside_exact", "a T5 relative max distance inside the exactly bucketed range", ["model=t5", "objective=span_corruption", "model.relative_max_distance=16"], r"model.relative_max_distance must exceed the 16 distances bucketed exactly \(relative_buckets=32\), got 16"),
+    train("mesh_not_matching_devices", "a mesh of 2 devices on a machine with 1", ["mesh.data=2"], r"mesh.data x mesh.fsdp x mesh.tensor = 2 x 1 x 1 = 2 devices, but there are 1; set one of them to -1 to take the rest$"),
+    train("mesh_two_rests", "two mesh axes both asking for the rest of the devices", ["mesh.fsdp=-1"], r"only one of mesh.data, mesh.fsdp, mesh.tensor can be -1 \(the rest\), got mesh.data and mesh.fsdp$"),
+    train("mesh_zero_axis", "a mesh axis of 0 devices", ["mesh.tensor=0"], r"mesh.tensor must be a positive number of devices or -1 \(the rest\), got 0$"),
+    train("mesh_rest_not_dividing", "mesh.fsdp not dividing the devices the rest is taken from", ["mesh.fsdp=3"], r"mesh.fsdp x mesh.tensor = 3 does not divide the 1 devices \(mesh.data=-1 takes the rest\)$"),
+    train("mesh_heads_not_divisible", "attention heads that tensor parallelism cannot split (2 heads over mesh.tensor=4)", ["mesh.data=1", "mesh.tensor=4"], r"model.n_heads 2 is not divisible by mesh.tensor = 4 \(mesh.rules.heads\); change the mesh or set mesh.rules.heads=null$"),
+    train("mesh_dimension_not_divisible", "an MLP width that tensor parallelism cannot split (d_ff 66 over mesh.tensor=4)", ["model.n_heads=4", "model.d_ff=66", "mesh.data=1", "mesh.tensor=4"], r"layers.blocks.mlp.wi.bias dimension 1 \(mlp, 66\) is not divisible by mesh.tensor = 4 \(mesh.rules.mlp\); change the mesh or set mesh.rules.mlp=null$"),
+    train("mesh_batch_not_divisible", "a batch that does not split over mesh.data x mesh.fsdp", ["mesh.data=1", "mesh.fsdp=3"], r"run.batch_size 4 does not split over mesh.data x mesh.fsdp = 3 devices \(mesh.rules.batch\)$"),
+    train("mesh_rule_unknown_axis", "a logical axis mapped to a mesh axis that does not exist", ["mesh.rules.vocab=model"], r"mesh.rules.vocab='model' must name distinct mesh axes \(data, fsdp, tensor\), or be null$"),
+    train("mesh_rule_unknown_name", "a rule for a logical axis that does not exist", ["+mesh.rules.hidden=tensor"], r"mesh.rules.hidden is not a logical axis; the logical axes are batch, length, "),
     train("huge_d_model", "a model that cannot fit in memory (d_model 10,000,000)", ["model.d_model=10000000", "model.n_heads=2"], r"this run needs at least [\d,.]+ GiB \([\d,.]+ GiB of parameters, gradients and Adam moments .* but the .* memory is [\d,.]+ GiB"),
     train("huge_batch", "a batch whose activations cannot fit (10,000,000 rows)", ["run.batch_size=10000000", "run.steps=1"], r"this run needs at least [\d,.]+ GiB .*activations for 10000000 rows of 32\) but the .* memory is"),
     train("huge_seq_len", "a sequence of 1,000,000 tokens (its attention probabilities alone exceed memory)", ["data.seq_len=1000000"], r"this run needs at least [\d,.]+ GiB .* rows of 1000000\) but the .* memory is"),
@@ -133,6 +153,32 @@ CASES = [
     evaluation("eval_negative_step", "archlab-eval of step -1", ["checkpoint={run}", "step=-1"], r"step must be at least 0, got -1$", needs_run=True),
     evaluation("eval_added_unread_key", "archlab-eval given a prompt key it does not have", ["checkpoint={run}", "+prompt=Hello"], r"prompt is not a setting: no field of the schema reads it", needs_run=True),
     evaluation("eval_unknown_family", "archlab-eval expecting a family that does not exist", ["checkpoint={run}", "expect_family=gpt"], r"expect_family='gpt' is not one of encoder_only, decoder_only, encoder_decoder", needs_run=True),
+    generation("generate_no_checkpoint_arg", "archlab-generate without checkpoint=", [], r"(?i)missing mandatory value: checkpoint"),
+    generation("generate_missing_prompts_file", "archlab-generate reading prompts from a file that does not exist", ["checkpoint={run}", "prompts_file={tmp}/absent.txt"], r"prompts_file=<tmp>/absent.txt: no such file$", needs_run=True),
+    generation("generate_blank_prompts_file", "archlab-generate reading prompts from a file of blank lines", ["checkpoint={run}", "prompts_file={corpus}/empty/e0.txt"], r"prompts_file=<tmp>/corpus/empty/e0.txt holds no prompt \(every line is blank\)$", needs_run=True),
+    generation("generate_prompts_file_not_utf8", "archlab-generate reading prompts from a file that is not UTF-8", ["checkpoint={run}", "prompts_file={corpus}/latin1/b.txt"], r"prompts_file=<tmp>/corpus/latin1/b.txt is not UTF-8: byte 0xe9 at byte offset 30$", needs_run=True),
+    generation("generate_prompts_and_file", "archlab-generate given prompts and a prompts file", ["checkpoint={run}", "prompts=[Hello]", "prompts_file={corpus}/good/doc0.txt"], r"give prompts or prompts_file, not both$", needs_run=True),
+    generation("generate_greedy_samples", "archlab-generate asked for 3 greedy samples per prompt (all identical)", ["checkpoint={run}", "num_samples=3"], r"num_samples=3 needs temperature > 0: greedy decoding \(temperature=0\) gives the same continuation every time$", needs_run=True),
+    generation("generate_zero_top_p", "archlab-generate with a nucleus of probability 0", ["checkpoint={run}", "temperature=1", "top_p=0"], r"top_p must be in \(0, 1\], got 0.0$", needs_run=True),
+    generation("generate_unknown_cache_dtype", "archlab-generate with a KV-cache dtype that does not exist", ["checkpoint={run}", "kv_cache_dtype=int4"], r"kv_cache_dtype='int4' is not one of null, auto, bfloat16, float32, int8$", needs_run=True),
+    generation("generate_output_exists", "archlab-generate writing its results over an existing file", ["checkpoint={run}", "output={run}/config.yaml"], r"output=<tmp>/run/config.yaml already exists; archlab-generate never overwrites a file$", needs_run=True),
+    generation("generate_sweep_dir", "archlab-generate given a directory holding two runs", ["checkpoint={tmp}"], r"checkpoint=<tmp> holds 2 runs \(a sweep directory\); archlab-generate reads one run: name its directory, e\.g\. checkpoint=<tmp>/run$", needs_run=True, extra={"second_run": True}),
+    generation("generate_past_position_table", "archlab-generate writing past a learned position table", ["checkpoint={run}", "prompts=[Hello]", "max_new_tokens=100"], r"longest prompt \(\d+\) \+ max_new_tokens \(100\) = \d+ exceeds the learned position table \(model.max_seq_len=32\)$", needs_run=True),
+    exporting("export_no_out", "archlab-export without out=", ["checkpoint={run}"], r"(?i)missing mandatory value: out", needs_run=True),
+    exporting("export_out_not_empty", "archlab-export into a directory that holds files", ["checkpoint={run}", "out={run}"], r"out=<tmp>/run already exists and is not an empty directory; nothing is overwritten$", needs_run=True),
+    exporting("export_missing_checkpoint", "archlab-export of a directory that does not exist", ["checkpoint={tmp}/absent", "out={tmp}/hf"], r"no such directory: <tmp>/absent$"),
+    exporting("export_sweep_dir", "archlab-export of a directory holding two runs", ["checkpoint={tmp}", "out={tmp}/hf"], r"checkpoint=<tmp> holds 2 runs \(a sweep directory\); archlab-export reads one run: name its directory, e\.g\. checkpoint=<tmp>/run$", needs_run=True, extra={"second_run": True}),
+    exporting("export_negative_step", "archlab-export of step -1", ["checkpoint={run}", "out={tmp}/hf", "step=-1"], r"step must be at least 0, got -1$", needs_run=True),
+    train("dropout_rate_one", "a dropout rate of 1 (every activation dropped)", ["model.residual_dropout=1.0"], r"model.residual_dropout must be in \[0, 1\), got 1.0$"),
+    train("attention_dropout_library_kernel", "attention dropout with a kernel that has none", ["model.attention_dropout=0.1", "model.attention_kernel=dot_product_attention"], r"model.attention_dropout needs the xla attention kernel; dot_product_attention has no dropout of its weights$"),
+    train("dropout_with_members", "dropout in packed members", ["model.residual_dropout=0.1", "optimizer.schedule=wsd", "run.members=[{{seed:1}},{{seed:2}}]"], r"run.members trains without dropout"),
+    train("init_from_missing", "model.init_from a path that does not exist", ["model.init_from={tmp}/absent"], r"model.init_from=<tmp>/absent: no such file or directory$"),
+    train("init_from_not_a_model", "model.init_from a folder that is neither a Hugging Face directory nor a run", ["model.init_from={corpus}"], r"model.init_from=<tmp>/corpus is neither a Hugging Face directory \(config.json\) nor an archlab run \(no checkpoints in <tmp>/corpus\)$"),
+    train("init_from_other_architecture", "model.init_from a run of another size", ["size=micro", "model.init_from={run}"], r"model.init_from=<tmp>/run holds a different architecture \(this run has d_model=32, head_dim=16, d_ff=128\); to build the source's network add: model.d_model=16 model.head_dim=8 model.d_ff=64$", needs_run=True),
+    train("init_from_other_tokenizer", "model.init_from a run, with another tokenizer named", ["model.init_from={run}", "data.tokenizer_file={tmp}/gpt2/tokenizer.json"], r"data.tokenizer_file=<tmp>/gpt2/tokenizer.json is not the tokenizer of model.init_from=<tmp>/run \(<tmp>/run/tokenizer.json\); token ids would not mean what the weights learnt$", needs_run=True, extra={"foreign_tokenizer": True}),
+    train("foreign_tokenizer_without_mask", "MLM on a GPT-2-style tokenizer, which has no mask token", ["model=encoder_only", "objective=mlm", "data.tokenizer_file={tmp}/gpt2/tokenizer.json"], r"the tokenizer <tmp>/gpt2/tokenizer.json has no mask token, which objective mlm needs; name one of its special tokens with data.special_tokens.mask=<token>$", extra={"foreign_tokenizer": True}),
+    train("foreign_tokenizer_ordinary_role", "a foreign tokenizer's ordinary word named as its eos token", ["data.tokenizer_file={tmp}/gpt2/tokenizer.json", "data.special_tokens.eos=the"], r"'the' is an ordinary token of the tokenizer \(text encodes to it\), so it cannot be the eos token; give a special token$", extra={"foreign_tokenizer": True}),
+    train("foreign_tokenizer_unknown_role", "a special-token role that does not exist", ["data.tokenizer_file={tmp}/gpt2/tokenizer.json", "data.special_tokens.end=x"], r"Key 'end' not in 'SpecialTokensConfig'", extra={"foreign_tokenizer": True}),
     runs("runs_missing_dir", "archlab-runs of a directory that does not exist", ["{tmp}/absent"], r"no such directory: <tmp>/absent$"),
     runs("runs_several_without_csv", "archlab-runs of two directories without --csv", ["{tmp}", "{tmp}/corpus"], r"several directories need --csv PATH"),
     runs("runs_no_runs", "archlab-runs of a directory holding no run", ["{tmp}"], r"no runs \(no config.yaml\) under <tmp>$"),
@@ -151,12 +197,31 @@ def make_corpus(root: Path) -> None:
     (root / "latin1" / "b.txt").write_bytes("Twenty-seven bytes precede ".encode() + "caf\xe9".encode("latin-1"))
 
 
+def write_gpt2_style_tokenizer(path: Path) -> None:
+    """A small byte-level BPE whose only special token is GPT-2's <|endoftext|>, on its last id."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["the cat sat on the mat", "All the world's a stage"] * 20, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    backend.add_special_tokens(["<|endoftext|>"])
+    path.parent.mkdir(parents=True)
+    backend.save(str(path))
+
+
 def materialise(case: Case, tmp: Path, cache_dir: Path, prepared_run: Path | None) -> list[str]:
     """Create the case's files under ``tmp`` and return its command-line arguments."""
     make_corpus(tmp / "corpus")
     run = tmp / "run"
     if case.needs_run:
         shutil.copytree(prepared_run, run)
+    if case.extra.get("second_run"):
+        shutil.copytree(prepared_run, tmp / "run2")
+    if case.extra.get("foreign_tokenizer"):
+        write_gpt2_style_tokenizer(tmp / "gpt2" / "tokenizer.json")
     if case.extra.get("truncate_arrays"):
         for array_file in sorted(run.glob("checkpoints/*/state/d/*")):
             array_file.write_bytes(array_file.read_bytes()[: array_file.stat().st_size // 2])

@@ -267,7 +267,7 @@ def test_training_continues_when_wandb_online_init_fails(tmp_path, cache_dir, en
     warnings = [line for line in output.splitlines() if "W&B" in line]
     assert len(warnings) == 1 and "W&B online init failed (ConnectionError: api.wandb.ai unreachable" in warnings[0], output
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    (offline,) = offline_run_files(run_dir)
+    (offline,) = offline_run_files(tmp_path, run_id)  # the experiment folder: run_dir's parent
     assert offline.name == f"run-{run_id}.wandb"
     assert load_checkpoint(run_dir, 3).meta["wandb_run_id"] == run_id
     assert sorted(train_losses(run_dir)) == [1, 2, 3]

@@ -80,7 +80,7 @@ def test_wandb_offline_run_reads_back(train_run, tmp_path):
     from wandb_offline import offline_run_files, read_offline_history, read_offline_run
 
     summary = train_run(tmp_path / "run", "logger=wandb", "logger.mode=offline", "run.steps=3")
-    (path,) = offline_run_files(tmp_path / "run")
+    (path,) = offline_run_files(tmp_path)  # runs/<experiment>/wandb: the run directory's parent
     run = read_offline_run(path)
     assert run["config"]["model"]["family"] == "decoder_only"
     assert run["config"]["derived"]["params_total"] > 0
@@ -195,7 +195,8 @@ def test_a_sweep_runs_every_job_and_ends_with_its_table(tmp_path, cache_dir):
         if launch == 0:
             assert_console_block(done, result.stdout)
             assert (done / "checkpoints" / "2").is_dir()
-            assert list((done / "wandb").glob("offline-run-*/run-*.wandb"))
+            assert list((sweep_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # the experiment's W&B folder
+            assert not (done / "wandb").exists() and (done / "loss_curve.png").is_file()
             assert not (sweep_dir / names[1]).exists()  # refused before anything was written
             time.sleep(1)  # the second table gets its own second-stamped name
         else:

@@ -15,12 +15,15 @@ _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _INSPECT_TIMEOUT_S = 120
 
 
-def offline_run_files(run_dir: Path) -> list[Path]:
-    """The ``.wandb`` transaction logs of the offline runs under ``run_dir``, oldest first.
+def offline_run_files(folder: Path, run_id: str | None = None) -> list[Path]:
+    """The ``.wandb`` transaction logs of the offline runs in ``folder/wandb/`` (of run ``run_id`` only,
+    when given), oldest first. ``folder`` is what the tracker got as ``wandb_dir``: the experiment folder
+    for archlab's apps, the run directory for a bare ``Tracker``.
 
     A resumed run adds a directory with the same run id (``offline-run-<time>-<id>[-N]``).
     """
-    return sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    pattern = f"wandb/offline-run-*/run-{run_id or '*'}.wandb"
+    return sorted(Path(folder).glob(pattern), key=lambda p: p.parent.name)
 
 
 def _inspect(path: Path, *flags: str) -> str:

@@ -10,7 +10,7 @@ from flax import nnx
 
 from archlab.config import ModelConfig
 from archlab.nn.attention import Attention, KVCache
-from archlab.nn.layers import MLP, Norm
+from archlab.nn.layers import MLP, Norm, dropout
 
 Array = jax.Array
 
@@ -25,6 +25,9 @@ class BlockContext(NamedTuple):
     cross_mask_BQK: Array | None = None
     # True when self_mask_BQK hides every later key (causal decoding of a whole sequence).
     causal: bool = False
+    # Training's dropout draws (model.*_dropout); None in evaluation and generation. The stack gives
+    # each layer its own key.
+    dropout_key: Array | None = None
 
 
 class TransformerBlock(nnx.Module):
@@ -40,11 +43,12 @@ class TransformerBlock(nnx.Module):
         self.cross_attn_norm = Norm(cfg) if cross_attention else None
         self.mlp = MLP(cfg, rngs=rngs, out_std=out_std)
         self.mlp_norm = Norm(cfg)
+        self.residual_dropout = cfg.residual_dropout
 
-    def _residual(self, norm: Norm, sublayer, x_BTD: Array) -> Array:
+    def _residual(self, norm: Norm, sublayer, x_BTD: Array, dropout_key: Array | None) -> Array:
         if self.pre_norm:
-            return x_BTD + sublayer(norm(x_BTD))
-        return norm(x_BTD + sublayer(x_BTD))
+            return x_BTD + dropout(sublayer(norm(x_BTD)), self.residual_dropout, dropout_key)
+        return norm(x_BTD + dropout(sublayer(x_BTD), self.residual_dropout, dropout_key))
 
     def __call__(
         self, x_BTD: Array, ctx: BlockContext, cache: KVCache | None = None, cache_index=None,
@@ -55,21 +59,23 @@ class TransformerBlock(nnx.Module):
         ``cross_kv``: this layer's encoder keys and values, projected once (else from ``ctx.encoded_BSD``).
         """
         new_cache = None
+        keys = [None] * 5 if ctx.dropout_key is None else list(jax.random.split(ctx.dropout_key, 5))
 
         def self_attention(h_BTD: Array) -> Array:
             nonlocal new_cache
             out_BTD, new_cache = self.self_attn(
                 h_BTD, mask_BQK=ctx.self_mask_BQK, bias_BNQK=ctx.self_bias_BNQK,
                 q_positions_BT=ctx.positions_BT, cache=cache, cache_index=cache_index, causal=ctx.causal,
+                dropout_key=keys[0],
             )
             return out_BTD
 
-        x_BTD = self._residual(self.self_attn_norm, self_attention, x_BTD)
+        x_BTD = self._residual(self.self_attn_norm, self_attention, x_BTD, keys[1])
         if self.cross_attn is not None:
             cross = lambda h_BTD: self.cross_attn(  # noqa: E731
-                h_BTD, ctx.encoded_BSD, kv=cross_kv, mask_BQK=ctx.cross_mask_BQK)[0]
-            x_BTD = self._residual(self.cross_attn_norm, cross, x_BTD)
-        x_BTD = self._residual(self.mlp_norm, self.mlp, x_BTD)
+                h_BTD, ctx.encoded_BSD, kv=cross_kv, mask_BQK=ctx.cross_mask_BQK, dropout_key=keys[2])[0]
+            x_BTD = self._residual(self.cross_attn_norm, cross, x_BTD, keys[3])
+        x_BTD = self._residual(self.mlp_norm, self.mlp, x_BTD, keys[4])
         return x_BTD, new_cache
 
 
@@ -117,19 +123,21 @@ class LayerStack(nnx.Module):
         cross-attention.
         """
         graphdef, stacked = nnx.split(self.blocks)
+        keys_L = None if ctx.dropout_key is None else jax.random.split(ctx.dropout_key, self.n_layers)
 
         def one_layer(x_BTD, layer_inputs):
-            layer_params, cache, layer_cross_kv = layer_inputs
-            return nnx.merge(graphdef, layer_params)(x_BTD, ctx, cache, cache_index, layer_cross_kv)
+            layer_params, cache, layer_cross_kv, layer_key = layer_inputs
+            layer_ctx = ctx if layer_key is None else ctx._replace(dropout_key=layer_key)
+            return nnx.merge(graphdef, layer_params)(x_BTD, layer_ctx, cache, cache_index, layer_cross_kv)
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.remat])
         if self.scan:
-            x_BTD, new_caches = jax.lax.scan(one_layer, x_BTD, (stacked, caches, cross_kv))
+            x_BTD, new_caches = jax.lax.scan(one_layer, x_BTD, (stacked, caches, cross_kv, keys_L))
         else:
             outputs = []
             for i in range(self.n_layers):
-                layer_i = jax.tree.map(lambda a: a[i], (stacked, caches, cross_kv))
+                layer_i = jax.tree.map(lambda a: a[i], (stacked, caches, cross_kv, keys_L))
                 x_BTD, cache_i = one_layer(x_BTD, layer_i)
                 outputs.append(cache_i)
             new_caches = None if caches is None else jax.tree.map(lambda *a: jax.numpy.stack(a), *outputs)

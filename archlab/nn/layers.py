@@ -194,3 +194,12 @@ class RelativePositionBias(nnx.Module):
         )
         bias_BQKN = jnp.take(self.embedding[...], bucket_BQK, axis=0)
         return jnp.transpose(bias_BQKN, (0, 3, 1, 2))
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout: each element zeroed with probability ``rate``, the rest scaled by 1/(1-rate);
+    ``x`` itself (not a copy) when ``rate`` is 0 or there is no key (evaluation, generation)."""
+    if not rate or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

@@ -7,6 +7,7 @@ within their own nonzero segment, so packed documents never see each other.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from archlab.errors import ConfigError
@@ -62,6 +63,14 @@ def prefix_lm_mask(segment_ids_BT: Array, prefix_BT: Array) -> Array:
     seq_len = segment_ids_BT.shape[1]
     visible_BQK = causal_mask(seq_len) | prefix_BT.astype(bool)[:, None, :]
     return segment_mask(segment_ids_BT, segment_ids_BT) & visible_BQK
+
+
+def cache_prefix_mask(prefix_BT: Array, cache_len: int, cache_index: Array | int = 0) -> Array:
+    """``[B, 1, S]``: the cache slots ``cache_index ..`` holding prefix tokens, visible to every query
+    (a prefix-LM prefill: or'ed with the causal mask, it is ``prefix_lm_mask`` over cache slots)."""
+    prefix_BS = jnp.zeros((prefix_BT.shape[0], cache_len), bool)
+    prefix_BS = jax.lax.dynamic_update_slice(prefix_BS, prefix_BT.astype(bool), (0, cache_index))
+    return prefix_BS[:, None, :]
 
 
 def cross_mask(dec_segment_ids_BQ: Array, enc_segment_ids_BK: Array) -> Array:

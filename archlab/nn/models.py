@@ -21,7 +21,7 @@ from archlab.nn import masks
 from archlab.nn.attention import KVCache
 from archlab.nn.blocks import BlockContext, LayerStack
 from archlab.nn.heads import LMHead, pool
-from archlab.nn.layers import Dense, Embedding, Norm, RelativePositionBias, compute_dtype
+from archlab.nn.layers import Dense, Embedding, Norm, RelativePositionBias, compute_dtype, dropout
 
 Array = jax.Array
 
@@ -106,8 +106,9 @@ class LanguageModel(nnx.Module):
     def cached_layers(self) -> int:
         return self.cfg.n_layers
 
-    def batch_hidden(self, batch) -> Array:
-        """Final hidden states ``[B, T, D]`` of a batch of named inputs (see the module docstring)."""
+    def batch_hidden(self, batch, dropout_key: Array | None = None) -> Array:
+        """Final hidden states ``[B, T, D]`` of a batch of named inputs (see the module docstring);
+        ``dropout_key`` switches on the model's dropout (training)."""
         raise NotImplementedError
 
     def _stack(
@@ -116,6 +117,10 @@ class LanguageModel(nnx.Module):
     ) -> tuple[Array, KVCache | None]:
         """Embed, run a layer stack, apply its final norm (pre-LN models)."""
         x_BTD = self.embed(tokens_BT, positions_BT, token_types_BT)
+        if ctx.dropout_key is not None:
+            embed_key, layers_key = jax.random.split(ctx.dropout_key)
+            x_BTD = dropout(x_BTD, self.cfg.embedding_dropout, embed_key)
+            ctx = ctx._replace(dropout_key=layers_key)
         hidden_BTD, caches = stack(x_BTD, ctx, caches, cache_index, cross_kv)
         return (hidden_BTD if norm is None else norm(hidden_BTD)), caches
 
@@ -141,11 +146,11 @@ class _OneStack(LanguageModel):
         self.final_norm = _final_norm(cfg)
         self.lm_head = LMHead(cfg, rngs=rngs)
 
-    def batch_hidden(self, batch) -> Array:
+    def batch_hidden(self, batch, dropout_key: Array | None = None) -> Array:
         keyword, key = self.EXTRA_INPUT
         return self.hidden(
             batch["inputs"], segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
-            **{keyword: batch.get(key)},
+            dropout_key=dropout_key, **{keyword: batch.get(key)},
         )[0]
 
     def __call__(self, tokens_BT: Array, **inputs) -> Array:
@@ -169,13 +174,13 @@ class EncoderOnly(_OneStack):
         )
 
     def hidden(
-        self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, token_types_BT=None
+        self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, token_types_BT=None, dropout_key=None,
     ) -> tuple[Array, None]:
         """``(hidden_BTD, None)``: an encoder keeps no cache."""
         _check_tokens(self.cfg, tokens_BT, "encoder input")
         segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
         bias = None if self.relative_bias is None else self.relative_bias(positions_BT, positions_BT)
-        ctx = BlockContext(masks.bidirectional_mask(segment_ids_BT), positions_BT, bias)
+        ctx = BlockContext(masks.bidirectional_mask(segment_ids_BT), positions_BT, bias, dropout_key=dropout_key)
         return self._stack(self.layers, self.final_norm, tokens_BT, positions_BT, ctx, token_types_BT)
 
     def pool(self, hidden_BTD: Array, segment_ids_BT: Array | None = None) -> Array:
@@ -194,9 +199,13 @@ class DecoderOnly(_OneStack):
 
     def hidden(
         self, tokens_BT: Array, *, segment_ids_BT=None, positions_BT=None, prefix_BT=None,
-        caches: KVCache | None = None, cache_index=None, cache_segment_ids_BS=None,
+        caches: KVCache | None = None, cache_index=None, cache_segment_ids_BS=None, dropout_key=None,
     ) -> tuple[Array, KVCache | None]:
-        """With ``caches``, ``tokens_BT`` are new tokens written at ``cache_index``."""
+        """With ``caches``, ``tokens_BT`` are new tokens written at ``cache_index``.
+
+        ``prefix_BT`` marks prefix-LM prefix tokens among ``tokens_BT``: every query may attend to
+        them (with caches: to their slots ``cache_index ..``, e.g. a prefill of the whole prompt).
+        """
         max_len = None if caches is None else caches.k_BSKH.shape[2]
         _check_tokens(self.cfg, tokens_BT, "decoder input", max_len)
         segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
@@ -210,16 +219,18 @@ class DecoderOnly(_OneStack):
             cache_len = caches.k_BSKH.shape[2]
             if cache_segment_ids_BS is None:
                 cache_segment_ids_BS = jnp.ones((tokens_BT.shape[0], cache_len), jnp.int32)
-            self_mask = masks.padding_mask(cache_segment_ids_BS, tokens_BT.shape[1]) & masks.causal_mask(
-                tokens_BT.shape[1], cache_len, cache_index
-            )
+            visible_BQS = masks.causal_mask(tokens_BT.shape[1], cache_len, cache_index)
+            if prefix_BT is not None:
+                visible_BQS = visible_BQS | masks.cache_prefix_mask(prefix_BT, cache_len, cache_index)
+            self_mask = masks.padding_mask(cache_segment_ids_BS, tokens_BT.shape[1]) & visible_BQS
             # A slot's position counts the real (non-padding) slots before it, so a left-padded
             # row, whose positions restart at its first real token, gets the right relative bias.
             # Equals arange when nothing is padded.
             real_BS = (cache_segment_ids_BS != 0).astype(jnp.int32)
             key_positions_BS = jnp.maximum(jnp.cumsum(real_BS, axis=1) - 1, 0)
         bias = None if self.relative_bias is None else self.relative_bias(positions_BT, key_positions_BS)
-        ctx = BlockContext(self_mask, positions_BT, bias, causal=caches is None and prefix_BT is None)
+        ctx = BlockContext(self_mask, positions_BT, bias, causal=caches is None and prefix_BT is None,
+                           dropout_key=dropout_key)
         return self._stack(self.layers, self.final_norm, tokens_BT, positions_BT, ctx, None, caches, cache_index)
 
 
@@ -246,12 +257,12 @@ class EncoderDecoder(LanguageModel):
     def cached_layers(self) -> int:
         return self.cfg.decoder_layers
 
-    def encode(self, tokens_BS: Array, *, segment_ids_BS=None, positions_BS=None) -> Array:
+    def encode(self, tokens_BS: Array, *, segment_ids_BS=None, positions_BS=None, dropout_key=None) -> Array:
         """Encoder hidden states ``[B, S, D]``."""
         _check_tokens(self.cfg, tokens_BS, "encoder input")
         segment_ids_BS, positions_BS = _defaults(tokens_BS, segment_ids_BS, positions_BS)
         bias = None if self.encoder_bias is None else self.encoder_bias(positions_BS, positions_BS)
-        ctx = BlockContext(masks.bidirectional_mask(segment_ids_BS), positions_BS, bias)
+        ctx = BlockContext(masks.bidirectional_mask(segment_ids_BS), positions_BS, bias, dropout_key=dropout_key)
         return self._stack(self.encoder, self.encoder_norm, tokens_BS, positions_BS, ctx)[0]
 
     def cross_kv(self, encoded_BSD: Array) -> tuple[Array, Array]:
@@ -265,6 +276,7 @@ class EncoderDecoder(LanguageModel):
     def hidden(
         self, tokens_BT: Array, encoded_BSD: Array | None = None, *, encoder_segment_ids_BS=None, segment_ids_BT=None,
         positions_BT=None, caches: KVCache | None = None, cache_index=None, cross_kv: tuple[Array, Array] | None = None,
+        dropout_key=None,
     ) -> tuple[Array, KVCache | None]:
         """Final decoder hidden states ``[B, T, D]`` and the updated caches (None without).
 
@@ -288,19 +300,23 @@ class EncoderDecoder(LanguageModel):
             key_positions = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (tokens_BT.shape[0], cache_len))
         bias = None if self.decoder_bias is None else self.decoder_bias(positions_BT, key_positions)
         cross = masks.cross_mask(segment_ids_BT, encoder_segment_ids_BS)
-        ctx = BlockContext(self_mask, positions_BT, bias, encoded_BSD, cross, causal=caches is None)
+        ctx = BlockContext(self_mask, positions_BT, bias, encoded_BSD, cross, causal=caches is None,
+                           dropout_key=dropout_key)
         return self._stack(
             self.decoder, self.decoder_norm, tokens_BT, positions_BT, ctx, None, caches, cache_index, cross_kv
         )
 
-    def batch_hidden(self, batch) -> Array:
+    def batch_hidden(self, batch, dropout_key: Array | None = None) -> Array:
+        encoder_key, decoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         encoder_segment_ids_BS = batch.get("encoder_segment_ids")
         encoded_BSD = self.encode(
-            batch["encoder_inputs"], segment_ids_BS=encoder_segment_ids_BS, positions_BS=batch.get("encoder_positions")
+            batch["encoder_inputs"], segment_ids_BS=encoder_segment_ids_BS, positions_BS=batch.get("encoder_positions"),
+            dropout_key=encoder_key,
         )
         return self.hidden(
             batch["decoder_inputs"], encoded_BSD, encoder_segment_ids_BS=encoder_segment_ids_BS,
             segment_ids_BT=batch.get("decoder_segment_ids"), positions_BT=batch.get("decoder_positions"),
+            dropout_key=decoder_key,
         )[0]
 
     def __call__(

@@ -20,14 +20,16 @@ Array = jax.Array
 LOSS_KEYS = ("targets", "decoder_targets", "weights", "prediction_positions")
 
 
-def hidden_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
+def hidden_and_targets(model: Any, batch: Mapping[str, Array], dropout_key: Array | None = None
+                       ) -> tuple[Array, Array, Array]:
     """``(hidden_BTD, targets_BT, weights_BT)``: the final hidden states that the LM head reads.
 
     A batch with ``prediction_positions`` ``[B, K]`` (masked LM) gets all three at those K
     positions only (``T`` becomes ``K``): the head and the loss then skip the positions that carry
     no loss, and every weighted position is among the K, so the loss is unchanged.
     """
-    hidden_BTD, targets_BT, weights_BT = model.batch_hidden(batch), batch[model.TARGETS], batch["weights"]
+    hidden_BTD = model.batch_hidden(batch, dropout_key)
+    targets_BT, weights_BT = batch[model.TARGETS], batch["weights"]
     if "prediction_positions" not in batch:
         return hidden_BTD, targets_BT, weights_BT
     positions_BK = batch["prediction_positions"].astype(jnp.int32)
@@ -38,14 +40,17 @@ def hidden_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, A
     )
 
 
-def logits_and_targets(model: Any, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
+def logits_and_targets(model: Any, batch: Mapping[str, Array], dropout_key: Array | None = None
+                       ) -> tuple[Array, Array, Array]:
     """``(logits_BTV, targets_BT, weights_BT)`` for an objective batch and a model of its family."""
-    hidden_BTD, targets_BT, weights_BT = hidden_and_targets(model, batch)
+    hidden_BTD, targets_BT, weights_BT = hidden_and_targets(model, batch, dropout_key)
     return model.logits(hidden_BTD), targets_BT, weights_BT
 
 
-def loss_and_metrics(model: Any, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
-    """Mean token cross-entropy over weighted targets, and the sums that aggregate across batches.
+def loss_and_metrics(model: Any, batch: Mapping[str, Array], dropout_key: Array | None = None
+                     ) -> tuple[Array, dict[str, Array]]:
+    """Mean token cross-entropy over weighted targets, and the sums that aggregate across batches
+    (``dropout_key``: training's dropout draws; None evaluates).
 
     With ``model.head_chunk > 0`` (512 on the CPU by default) the output head and the loss run fused, chunk by
     chunk (``head_cross_entropy_and_accuracy``); with 0 the logits are materialised first. Both
@@ -53,7 +58,7 @@ def loss_and_metrics(model: Any, batch: Mapping[str, Array]) -> tuple[Array, dic
     """
     chunk = model.cfg.head_chunk
     if chunk > 0:
-        hidden_BTD, targets_BT, weights_BT = hidden_and_targets(model, batch)
+        hidden_BTD, targets_BT, weights_BT = hidden_and_targets(model, batch, dropout_key)
         features_BTD = model.lm_head.features(hidden_BTD)
         table_VD, bias_V = model.head_weights()
         loss_sum, correct_sum, weight_sum = head_cross_entropy_and_accuracy(
@@ -61,7 +66,7 @@ def loss_and_metrics(model: Any, batch: Mapping[str, Array]) -> tuple[Array, dic
             targets_BT.reshape(-1), weights_BT.reshape(-1), chunk=chunk,
         )
     else:
-        logits_BTV, targets_BT, weights_BT = logits_and_targets(model, batch)
+        logits_BTV, targets_BT, weights_BT = logits_and_targets(model, batch, dropout_key)
         loss_sum, correct_sum, weight_sum = cross_entropy_and_accuracy(logits_BTV, targets_BT, weights_BT)
     loss = loss_sum / jnp.maximum(weight_sum, 1.0)
     return loss, {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}

@@ -33,10 +33,11 @@ def _count(n: float) -> str:
 
 
 def start_block(*, run_dir: Path, family: str, objective: str, size: str, derived: dict, seq_len: int,
-                batch_size: int, devices: str, start_step: int) -> list[str]:
+                batch_size: int, devices: str, start_step: int, init_from: str | None = None) -> list[str]:
     """The lines printed before the first step: what is about to run, where, and how much of it."""
     steps = int(derived["total_steps"])
-    begin = f"resuming at step {start_step} of {steps:,}" if start_step else f"{steps:,} steps from scratch"
+    start = f"from the weights of {init_from}" if init_from else "from scratch"
+    begin = f"resuming at step {start_step} of {steps:,}" if start_step else f"{steps:,} steps {start}"
     return [
         f"run        {run_dir}",
         f"model      {family} / {objective} / size {size}",

@@ -24,7 +24,8 @@ from archlab.train.metrics import progress_bar
 from archlab.train.skips import SkipWatch
 from archlab.train.state import TrainState, to_checkpoint
 from archlab.train.step import NONFINITE_KINDS
-from archlab.train.tracking import Tracker, new_run_id
+from archlab.train.run_end import SAMPLE_COLUMNS, log_run_end
+from archlab.train.tracking import Tracker, new_run_id, wandb_options
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     restart = cfg.run.restart and run_dir.is_dir() and any(run_dir.iterdir())
     if not restart:
         run_files.check_resumable(run_dir, recorded)  # refused before any data is read
-    trainer = Trainer(cfg, tokenizer_file=None if restart else run_files.saved_tokenizer(run_dir))
-    # Before anything is written: an extended trunk's new branches must fork after its newest step.
     newest = 0 if restart else max(committed_steps(run_dir / "checkpoints"), default=0)
+    # model.init_from's weights are read only for a run that starts at step 0.
+    trainer = Trainer(cfg, tokenizer_file=None if restart else run_files.saved_tokenizer(run_dir),
+                      init_weights=newest == 0)
+    # Before anything is written: an extended trunk's new branches must fork after its newest step.
     branches.check_reachable(trainer.branches, run_dir, newest)
     val_batches = trainer.validation_batches()
     if restart:  # every check passed and the data is read: only now is the old run moved aside
@@ -108,7 +111,7 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
             # Updates skipped earlier under run.on_nonfinite=skip: watch for new ones from here.
             resumed = resumed.replace(first_nonfinite_step=jnp.full((), -1, jnp.int32),
                                       nonfinite_kind=jnp.zeros((), jnp.int32))
-        trainer.state = trainer.mesh.replicate(resumed)
+        trainer.state = trainer.mesh.place(resumed)
         data.set_state(restored.data)
         meta = dict(restored.meta)
         log.info("resumed from step %d in %s", restored.step, run_dir)
@@ -128,7 +131,7 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
         job_type="train", config={**recorded, "derived": derived}, mode=cfg.logger.mode,
         # Rows after the resumed step (all rows, from step 0) are a killed run's tail: dropped.
         run_id=run_id, resume_step=start_step, entity=cfg.logger.entity,
-        online_timeout=cfg.logger.online_timeout,
+        online_timeout=cfg.logger.online_timeout, **wandb_options(cfg.logger, run_dir),
     )
     try:
         # Log lines are written above the progress bar, not through it.
@@ -174,7 +177,9 @@ def _steps(trainer, run: _Run) -> dict:
     console.log_lines(console.start_block(
         run_dir=run.run_dir, family=plan.model.family, objective=cfg.objective.name, size=cfg.size_name,
         derived=run.derived, seq_len=cfg.data.seq_len, batch_size=cfg.run.batch_size,
-        devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}", start_step=start_step))
+        devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh {trainer.mesh.describe()}",
+        start_step=start_step,
+        init_from=cfg.model.init_from))
 
     def evaluate(step: int) -> dict[str, float]:
         began = time.perf_counter()
@@ -246,6 +251,7 @@ def _steps(trainer, run: _Run) -> dict:
             checkpoints.wait()
             checkpoints.close()
             bar.close()
+            log_run_end(tracker, run.run_dir, step, val_loss=None, log_checkpoint=False)  # the curve so far
             tracker.finish()
             log.warning("%s: checkpoint saved at step %d; run the same command again to resume", reason, step)
             return {"stopped_at": step, **summary}
@@ -255,10 +261,15 @@ def _steps(trainer, run: _Run) -> dict:
     final = {**summary, "step": int(trainer.state.step), "skipped_updates": int(trainer.state.skipped),
              "unigram_entropy_nats": corpus.unigram_entropy_nats, "set_aside": set_aside_dirs(checkpoints.directory)}
     tracker.summary(final)
-    tracker.finish()
     if cfg.run.samples and plan.model.family != "encoder_only":
         prompts = validation_prompts(corpus.validation, cfg.run.samples, SAMPLE_PROMPT_TOKENS)
-        console.log_samples(sample_continuations(trainer.model, trainer.tokenizer, prompts, SAMPLE_NEW_TOKENS))
+        samples = sample_continuations(trainer.model, trainer.tokenizer, prompts, SAMPLE_NEW_TOKENS,
+                                       prefix=cfg.objective.name == "prefix_lm")
+        console.log_samples(samples)
+        tracker.log_table("samples", SAMPLE_COLUMNS, [[final["step"], s["prompt"], s["continuation"]] for s in samples])
+    log_run_end(tracker, run.run_dir, final["step"], val_loss=final.get("val/loss"),
+                log_checkpoint=cfg.logger.log_checkpoints, checkpoint_dir=checkpoints.directory / str(final["step"]))
+    tracker.finish()
     console.log_lines(console.summary_lines(final, run.run_dir, time.perf_counter() - run_start))
     return final
 

@@ -41,6 +41,9 @@ def member_configs(cfg: TrainConfig) -> list[TrainConfig]:
         raise ConfigError(
             f"run.members needs optimizer.schedule=wsd (its rates are values in one program), not {cfg.optimizer.schedule}"
         )
+    if cfg.model.has_dropout:
+        raise ConfigError("run.members trains without dropout (its members share one vmapped step); set the "
+                          "model.*_dropout rates to 0 or train the runs separately")
     members = []
     for i, member in enumerate(cfg.run.members):
         if not isinstance(member, dict) or not member or set(member) - set(MEMBER_KEYS):
@@ -130,7 +133,8 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
     from archlab.train.metrics import progress_bar
     from archlab.train.skips import SkipWatch
     from archlab.train.state import from_checkpoint, to_checkpoint, abstract_like
-    from archlab.train.tracking import Tracker
+    from archlab.train.run_end import log_run_end
+    from archlab.train.tracking import Tracker, wandb_options
     from archlab.trainer import config_dict
 
     recorded = config_dict(cfg)
@@ -165,7 +169,8 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
                             group=cfg.logger.group or cfg.experiment, name=c.run.name,
                             tags=[plan.model.family, cfg.objective.name, cfg.size_name, "member", *cfg.logger.tags],
                             job_type="train", config=config_dict(c), mode=cfg.logger.mode, resume_step=start,
-                            entity=cfg.logger.entity, online_timeout=cfg.logger.online_timeout)
+                            entity=cfg.logger.entity, online_timeout=cfg.logger.online_timeout,
+                            **wandb_options(cfg.logger, run_dir))  # the trunk's experiment folder
                     for c, d in zip(pack.cfgs, pack.dirs)]
         derived = {**plan.derived(), "unigram_entropy_nats": pack.corpus.unigram_entropy_nats,
                    "bytes_per_token_validation": pack.corpus.bytes_per_token_validation, "members": len(pack.cfgs)}
@@ -230,6 +235,10 @@ def train_members(cfg: TrainConfig, run_dir: Path) -> dict:
                                  "skipped_updates": int(pack.state.skipped[i]),
                                  "unigram_entropy_nats": pack.corpus.unigram_entropy_nats,
                                  "set_aside": set_aside_dirs(checkpointers[i].directory)})
+            step_i = int(pack.state.step[i])
+            log_run_end(tracker, pack.dirs[i], step_i, val_loss=finals[i].get("val/loss"),
+                        log_checkpoint=cfg.logger.log_checkpoints and not stopped,
+                        checkpoint_dir=checkpointers[i].directory / str(step_i))
             tracker.finish()
     (Path(run_dir) / "members.yaml").write_text(yaml.safe_dump([c.run.name for c in pack.cfgs]))
     return {c.run.name: f for c, f in zip(pack.cfgs, finals)}

@@ -50,6 +50,10 @@ def check_memory(cfg: TrainConfig, plan) -> None:
     """Refuse, in one line with its numbers, a run whose lower-bound memory exceeds the device's."""
     need = estimate_bytes(cfg, plan)
     have, what = device_memory_bytes()
+    if what != "host memory":  # an accelerator holds its shard of the state and of the batch (mesh.*)
+        mesh = cfg.mesh
+        need = {"state": need["state"] // max(1, mesh.fsdp * mesh.tensor),
+                "activations": need["activations"] // max(1, mesh.data * mesh.fsdp)}
     total = sum(need.values())
     if total > have:
         raise ConfigError(

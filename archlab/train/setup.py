@@ -7,7 +7,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import jax
 import numpy as np
 
 from archlab.accounting import FlopCounts, ParamCounts, count_params, forward_flops
@@ -64,15 +63,11 @@ def decoder_length_for(cfg: TrainConfig) -> int | None:
 
 
 def check_batch(cfg: TrainConfig) -> None:
-    """Batch divisibility by micro-batches and devices, before anything is built."""
-    accum, n_devices = cfg.optimizer.grad_accum_steps, jax.device_count()
+    """Batch divisibility by micro-batches, before anything is built (``sharding.check_mesh``: by the mesh)."""
+    accum = cfg.optimizer.grad_accum_steps
     if cfg.run.batch_size % accum:
         raise ConfigError(
             f"run.batch_size {cfg.run.batch_size} is not divisible by optimizer.grad_accum_steps {accum}"
-        )
-    if (cfg.run.batch_size // accum) % n_devices:
-        raise ConfigError(
-            f"the micro-batch of {cfg.run.batch_size // accum} rows does not split over {n_devices} devices"
         )
 
 

@@ -31,8 +31,9 @@ class TrainState:
 
 
 def abstract_like(tree):
-    """Shape/dtype skeleton of a pytree, the restore target for a checkpoint."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+    """Shape/dtype skeleton of a pytree (shardings kept), the restore target for a checkpoint."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=getattr(x, "sharding", None)), tree)
 
 
 def to_checkpoint(state: TrainState) -> dict:

@@ -11,8 +11,19 @@ Every training row also carries ``tokens`` and ``flops``; ``train/*``, ``val/*``
 so to plot against compute pick ``flops`` as the chart's X axis in the UI (any logged scalar can
 be an X axis) — it is in every row.
 
-Offline runs live in ``run_dir/wandb/offline-run-<time>-<id>/run-<id>.wandb``; upload them later
-with ``wandb sync <that dir>`` (``tests/wandb_offline.py`` reads one back without a server).
+W&B files go to ``<wandb_dir>/wandb/``: the training loop, members and ``archlab-eval`` pass the
+experiment folder (``runs/<experiment>/``, or ``logger.dir``; see :func:`wandb_options`), so every run
+of an experiment is one ``runs/<experiment>/wandb/offline-run-<time>-<id>/run-<id>.wandb`` beside
+the others: ``wandb leet runs/<experiment>/wandb`` browses them all, ``wandb sync
+runs/<experiment>/wandb/offline-run-*`` uploads them (``tests/wandb_offline.py`` reads one back
+without a server). The run id lives in the run directory (``wandb_run_id``, checkpoint metadata),
+so where the W&B files are has no bearing on resuming. A tracker made without ``wandb_dir`` keeps
+them in ``run_dir/wandb/``.
+
+Besides scalars: :meth:`Tracker.log_table` (generated samples), :meth:`Tracker.log_image` (the
+loss curve) and :meth:`Tracker.log_artifact` (run files, checkpoints), each under the same rule:
+a W&B failure is one warning and W&B off, never a stopped run. System metrics and console capture
+are off unless asked for (``system_metrics``, ``console``).
 """
 
 from __future__ import annotations
@@ -21,16 +32,17 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
-import shutil
 import string
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from archlab.errors import ConfigError
-from archlab.schema import LOGGER_BACKENDS as BACKENDS, WANDB_MODES as MODES
+from archlab.train.metrics_file import (  # noqa: F401  (last_values, read_json_object: re-exported)
+    METRICS_FILE, SUMMARY_FILE, _write_atomic, last_values, read_json_object, read_summary, trim_metrics_file,
+)
+from archlab.schema import LOGGER_BACKENDS as BACKENDS, WANDB_CONSOLE as CONSOLES, WANDB_MODES as MODES
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +51,6 @@ JOB_TYPES = ("train", "eval")
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 # Metrics plotted against tokens seen by default; `flops` is the alternative X axis.
 TOKEN_AXIS_GLOBS = ("train/*", "val/*", "eval/*")
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 
 
 def _plain(value: Any) -> Any:
@@ -52,113 +62,22 @@ def _plain(value: Any) -> Any:
     return float(value)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so a crash leaves the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _keep_damaged(path: Path) -> Path:
-    """Copy a damaged file to ``<name>.damaged-<ns>`` beside it before it is rewritten (nothing is lost)."""
-    copy = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
-    shutil.copy2(path, copy)
-    return copy
-
-
-def trim_metrics_file(path: Path, resume_step: float) -> int:
-    """Drop rows with ``step > resume_step`` (and torn lines) left by a crashed run; return how many.
-
-    A killed run may leave its last line torn: dropped quietly. Damage anywhere else (a line that is
-    not a JSON row, bytes that are not UTF-8) never blocks the resume either: the bad lines are
-    dropped with a warning naming the file and how many rows were lost, after the file as it was is
-    copied to ``metrics.jsonl.damaged-<ns>``. The file is rewritten atomically, only when needed.
-    """
-    if not path.exists():
-        return 0
-    lines = path.read_bytes().split(b"\n")
-    torn_tail = lines[-1] != b""  # a complete file ends with a newline
-    kept, dropped, damaged = [], 0, 0
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-            step = row.get("step") if isinstance(row, dict) else None
-            if not isinstance(step, (int, float)) or isinstance(step, bool):
-                raise ValueError("not a metrics row")
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            dropped += 1
-            damaged += not (torn_tail and i == len(lines) - 1)
-            continue
-        if step > resume_step:
-            dropped += 1
-        else:
-            kept.append(raw.decode("utf-8"))
-    if damaged:
-        copy = _keep_damaged(path)
-        log.warning("%s: %d damaged line(s) dropped (rows lost); the file as it was is kept as %s",
-                    path, damaged, copy.name)
-    if dropped:
-        _write_atomic(path, "".join(f"{line}\n" for line in kept))
-    return dropped
-
-
-def read_json_object(path: Path) -> tuple[dict[str, Any], Path | None, str]:
-    """A JSON object file's contents ({} when absent). A damaged one (unreadable, not an object) is
-    moved to ``<name>.damaged-<ns>``, never deleted: returns ({}, where it went, what was wrong)."""
-    if not path.exists():
-        return {}, None, ""
-    try:
-        values = json.loads(path.read_bytes().decode("utf-8"))
-        if isinstance(values, dict):
-            return values, None, ""
-        problem = "not a JSON object"
-    except ValueError as error:
-        problem = " ".join(str(error).split())[:120]
-    moved = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
-    path.rename(moved)
-    return {}, moved, problem
-
-
-def read_summary(path: Path) -> dict[str, Any]:
-    """``summary.json``'s values; a damaged one is moved to ``summary.json.damaged-<ns>`` with a warning and
-    rebuilt from ``metrics.jsonl`` beside it (each metric's last value), rather than blocking a resume."""
-    values, moved, problem = read_json_object(path)
-    if moved is None:
-        return values
-    rebuilt = last_values(path.with_name(METRICS_FILE))
-    log.warning("%s is damaged (%s); moved to %s and rebuilt from %s (%d values)", path, problem, moved.name,
-                METRICS_FILE, len(rebuilt))
-    return rebuilt
-
-
-def last_values(metrics_path: Path) -> dict[str, Any]:
-    """Each metric's last value in a ``metrics.jsonl`` (unreadable lines skipped), with ``step``."""
-    values: dict[str, Any] = {}
-    if not metrics_path.is_file():
-        return values
-    for raw in metrics_path.read_bytes().splitlines():
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            values.update(row)
-    return values
-
-
 def new_run_id(length: int = 8) -> str:
     """A fresh W&B run id (base 36); drawn from ``secrets`` so seeded runs still get distinct ids."""
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def wandb_options(logger_cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """The Tracker keyword arguments a ``LoggerConfig`` sets besides names and mode: where the W&B files go
+    (``logger.dir``, else the run directory's parent, the experiment folder), system metrics, console capture."""
+    folder = Path(logger_cfg.dir) if logger_cfg.dir else Path(run_dir).parent
+    return {"wandb_dir": folder, "system_metrics": logger_cfg.system_metrics, "console": logger_cfg.console}
+
+
+def artifact_name(text: str) -> str:
+    """``text`` as a W&B artifact name (letters, digits, ``-``, ``_``, ``.``; other characters become ``-``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:128] or "run"
 
 
 def _has_credentials() -> bool:
@@ -187,6 +106,10 @@ class Tracker:
     checkpoint being resumed: rows after it in ``metrics.jsonl`` are from a crashed tail and are
     removed. Several trackers may be open in one process (``reinit="create_new"``), so W&B is only
     reached through this tracker's own run object, never ``wandb.log``.
+
+    ``wandb_dir``: the folder whose ``wandb/`` holds the W&B files (default ``run_dir``; shared by the
+    runs of an experiment, see :func:`wandb_options`). ``system_metrics``: W&B's system-metrics
+    sampler; ``console``: W&B's console capture (``off`` | ``wrap`` | ``redirect`` | ``auto``).
     """
 
     def __init__(
@@ -205,11 +128,16 @@ class Tracker:
         resume_step: int | None = None,
         entity: str | None = None,
         online_timeout: float = 30.0,
+        wandb_dir: Path | None = None,
+        system_metrics: bool = False,
+        console: str = "off",
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"tracking backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if job_type not in JOB_TYPES:
             raise ConfigError(f"job_type {job_type!r} is unknown; use one of {', '.join(JOB_TYPES)}")
+        if console not in CONSOLES:
+            raise ConfigError(f"W&B console {console!r} is unknown; use one of {', '.join(CONSOLES)}")
         wandb_mode = _resolve_mode(mode) if backend == "wandb" else "disabled"
 
         self.run_dir = Path(run_dir)
@@ -231,6 +159,8 @@ class Tracker:
         self._run_id: str | None = None
         self._wandb_mode: str | None = None
         self._online_timeout = online_timeout
+        self._wandb_dir = Path(wandb_dir) if wandb_dir is not None else self.run_dir
+        self._system_metrics, self._console = bool(system_metrics), console
         if wandb_mode != "disabled":
             init_kwargs = dict(
                 entity=entity,
@@ -291,12 +221,14 @@ class Tracker:
         settings = wandb.Settings(
             init_timeout=self._online_timeout,  # an unreachable server costs this long, then offline
             silent=True,
-            console="off",  # leave stdout/stderr (progress bars) alone
-            x_disable_stats=True,  # no system-metrics sampler; throughput and MFU are logged by us
+            console=self._console,  # "off" by default: leave stdout/stderr (progress bars) alone
+            # Off by default: throughput and MFU are logged by us, and tests stay quiet and deterministic.
+            x_disable_stats=not self._system_metrics,
         )
+        self._wandb_dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
             **init_kwargs,
-            dir=str(self.run_dir),
+            dir=str(self._wandb_dir),
             mode=mode,
             id=run_id,
             resume=resume,
@@ -398,6 +330,50 @@ class Tracker:
             self._run.log({key: wandb.Image(str(path))}, step=self._last_step if step is None else int(step))
         except Exception as e:
             self._disable_wandb("log_image", e)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+        """Log one ``wandb.Table`` of ``rows`` at ``step`` (default: the last logged step); no-op without W&B.
+
+        One table per call (W&B shows a step slider over a key's tables); ``metrics.jsonl`` does not hold it."""
+        if self._run is None or not rows:
+            return
+        import wandb
+
+        try:
+            table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+            self._run.log({key: table}, step=self._last_step if step is None else int(step))
+        except Exception as e:
+            self._disable_wandb("log_table", e)
+
+    def log_artifact(self, name: str, kind: str, paths: list[Path], metadata: dict | None = None,
+                     aliases: list[str] | None = None) -> bool:
+        """Log files and directories (a directory's files under its own name) as one W&B artifact of type
+        ``kind``; returns whether it was logged. No-op without W&B; a missing path is skipped with a warning.
+
+        The files are copied into W&B's staging area (``WANDB_DATA_DIR``) until uploaded, so a checkpoint
+        rotated away later still syncs."""
+        if self._run is None:
+            return False
+        present = [Path(p) for p in paths if Path(p).exists()]
+        for missing in (Path(p) for p in paths if not Path(p).exists()):
+            log.warning("no file at %s; left out of W&B artifact %r", missing, name)
+        if not present:
+            return False
+        import wandb
+
+        try:
+            artifact = wandb.Artifact(artifact_name(name), type=kind,
+                                      metadata={k: _plain(v) for k, v in (metadata or {}).items()})
+            for path in present:
+                if path.is_dir():
+                    artifact.add_dir(str(path), name=path.name)
+                else:
+                    artifact.add_file(str(path))
+            self._run.log_artifact(artifact, aliases=aliases)
+        except Exception as e:
+            self._disable_wandb("log_artifact", e)
+            return False
+        return True
 
     def finish(self, exit_code: int = 0) -> None:
         """Close ``metrics.jsonl`` and finish the W&B run (a non-zero ``exit_code`` marks it failed). Idempotent."""
