@@ -20,7 +20,10 @@ LADDER = ["logger=none", "data.vocab_size=512", "model.d_model=24", "model.n_lay
 def test_no_rule_leaves_the_config_as_given():
     cfg = compose(["logger=none"])
     assert cfg.rules.name is None
-    assert resolved(cfg) == dataclasses.replace(cfg, model=resolved(cfg).model)
+    ran = resolved(cfg)
+    # Only the auto values and the mesh's -1 (the rest of the devices) are filled in.
+    assert ran == dataclasses.replace(cfg, model=ran.model, mesh=ran.mesh)
+    assert ran.mesh.data * ran.mesh.fsdp * ran.mesh.tensor >= 1 and -1 not in (ran.mesh.data, ran.mesh.fsdp)
 
 
 def test_the_rule_gives_its_closed_form_and_records_it():
