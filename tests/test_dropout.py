@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from archlab.config import ModelConfig
 from archlab.errors import ConfigError
@@ -31,18 +32,23 @@ def model_and_batch(family: str, **rates):
     return build_model(cfg, seed=0), batch
 
 
+@nnx.jit
+def loss(model, batch, key=None):
+    return loss_and_metrics(model, batch, key)[0]  # jitted: op by op, a scanned stack runs for a minute
+
+
 @pytest.mark.parametrize("family", ["decoder_only", "encoder_only", "encoder_decoder"])
 def test_dropout_draws_from_the_key_and_only_in_training(family):
     plain, batch = model_and_batch(family)
     dropped, _ = model_and_batch(family, **RATES)  # same seed: the same parameters (dropout has none)
-    reference = float(loss_and_metrics(plain, batch)[0])
+    reference = float(loss(plain, batch))
     # Rates of 0: a key changes nothing.
-    assert float(loss_and_metrics(plain, batch, jax.random.key(1))[0]) == reference
+    assert float(loss(plain, batch, jax.random.key(1))) == reference
     # Evaluation (no key) of a model with dropout is the plain model.
-    assert float(loss_and_metrics(dropped, batch)[0]) == reference
-    one = float(loss_and_metrics(dropped, batch, jax.random.key(1))[0])
-    assert one == float(loss_and_metrics(dropped, batch, jax.random.key(1))[0])
-    assert one != reference and one != float(loss_and_metrics(dropped, batch, jax.random.key(2))[0])
+    assert float(loss(dropped, batch)) == reference
+    one = float(loss(dropped, batch, jax.random.key(1)))
+    assert one == float(loss(dropped, batch, jax.random.key(1)))
+    assert one != reference and one != float(loss(dropped, batch, jax.random.key(2)))
 
 
 def test_attention_dropout_is_unbiased():
