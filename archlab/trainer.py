@@ -97,7 +97,6 @@ def check_config(cfg: TrainConfig) -> None:
     """Every refusal that needs no data: batch split, budget and lengths, objective options."""
     from archlab.train.branches import plan_branches
     from archlab.train.setup import check_batch, make_plan, objective_transform
-
     from archlab.train.sharding import check_mesh
 
     check_batch(cfg)
@@ -131,7 +130,7 @@ class Trainer:
         from archlab.nn.models import build_model
         from archlab.train.optim import make_optimizer, schedule_points
         from archlab.train.setup import make_plan, objective_transform
-        from archlab.train.sharding import MeshPlan, check_divisible, check_mesh
+        from archlab.train.sharding import MeshPlan, check_divisible
         from archlab.train.state import TrainState
 
         self.cfg = cfg = resolved(cfg)
@@ -171,7 +170,7 @@ class Trainer:
             cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step, trunk=bool(cfg.run.branches)
         )
         # The state is laid out on the (data, fsdp, tensor) mesh by logical axis names (train/sharding.py).
-        self.mesh = MeshPlan(cfg.mesh, sizes=check_mesh(cfg))
+        self.mesh = MeshPlan(cfg.mesh)  # check_config has refused a mesh that does not fit
         check_divisible(params, self.mesh.sizes, self.mesh.rules)  # the real vocabulary's tables too
         if abstract:
             self.state = self.mesh.abstract(jax.eval_shape(lambda p: TrainState.create(p, self.tx), params))

@@ -45,6 +45,8 @@ class Source:
     step: int | None = None  # archlab: the step asked for (None: the newest that verifies)
     # A foreign tokenizer renumbered into archlab's layout (data/foreign.py): each new id's old id, -1 if added.
     new_to_old: np.ndarray | None = None
+    # hf: the weights as stored, read once (its config needs them too: BERT's pooler is seen in them).
+    tensors: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def architecture(self) -> ModelConfig:
@@ -65,11 +67,11 @@ def find_source(init_from: str) -> Source:
         from archlab.convert import read_hf
 
         try:
-            model, _ = read_hf(path)
+            model, tensors = read_hf(path)
         except ConversionError as error:
             raise ConfigError(f"model.init_from={init_from}: {error}") from None
         tokenizer = path / TOKENIZER_FILE
-        return Source(path, "hf", model, tokenizer if tokenizer.is_file() else None)
+        return Source(path, "hf", model, tokenizer if tokenizer.is_file() else None, tensors=tensors)
     from archlab.evaluate import find_one_run, find_runs
     from archlab.train.setup import make_plan
     from archlab.trainer import load_run_config
@@ -147,10 +149,9 @@ def source_tokenizer(source: Source, tokenizer_file: str | None) -> str | Path:
 def source_params(source: Source, run_model: ModelConfig) -> dict[str, Any]:
     """The source's parameters, flat (``"dotted.path" -> array``), in the tree ``run_model`` builds."""
     if source.kind == "hf":
-        from archlab.convert import hf_params, read_hf
+        from archlab.convert import hf_params
 
-        _, tensors = read_hf(source.path)
-        params = hf_params(source.path, tensors, dataclasses.replace(run_model, vocab_size=source.model.vocab_size))
+        params = hf_params(source.path, source.tensors, dataclasses.replace(run_model, vocab_size=source.model.vocab_size))
         return params if source.new_to_old is None else renumber_vocabulary(params, source.new_to_old)
     from archlab.convert import model_params
     from archlab.trainer import Trainer

@@ -203,11 +203,10 @@ class MeshPlan:
     step's outputs come back as its inputs went in (one compilation, buffers donated in place).
     """
 
-    def __init__(self, mesh_cfg: MeshConfig | None = None, devices=None, sizes: Mapping[str, int] | None = None):
+    def __init__(self, mesh_cfg: MeshConfig | None = None, devices=None):
         mesh_cfg = mesh_cfg if mesh_cfg is not None else MeshConfig()
         devices = list(devices if devices is not None else jax.devices())
-        sizes = dict(sizes) if sizes is not None else mesh_cfg.shape(len(devices))
-        self.sizes = sizes
+        self.sizes = sizes = mesh_cfg.shape(len(devices))
         self.rules = full_rules(mesh_cfg)
         shape = tuple(sizes[a] for a in MESH_AXES)
         try:
