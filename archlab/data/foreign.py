@@ -29,6 +29,7 @@ import numpy as np
 import tokenizers
 
 from archlab.data.cache import atomic_write, cache_root, text_id
+from archlab.data.tokenizer import check_layout, read_backend
 from archlab.errors import ConfigError, DataError
 from archlab.tokens import N_SENTINELS, SPECIAL_TOKEN_NAMES, sentinel_name
 
@@ -52,22 +53,11 @@ _RECIPE = "foreign1"  # bump when the renumbering changes
 
 
 def follows_layout(backend: tokenizers.Tokenizer) -> bool:
-    from archlab.data.tokenizer import check_layout
-
     try:
         check_layout(backend)
     except DataError:
         return False
     return True
-
-
-def _read(path: Path) -> tokenizers.Tokenizer:
-    if not path.is_file():
-        raise DataError(f"tokenizer file {path} does not exist")
-    try:
-        return tokenizers.Tokenizer.from_file(str(path))
-    except Exception as error:  # the Rust side raises a bare Exception
-        raise DataError(f"{path} is not a readable tokenizer.json: {error}") from error
 
 
 def _declared_roles(path: Path) -> dict[str, str]:
@@ -194,7 +184,7 @@ def adapted_tokenizer_file(
     """``(path, None)`` when it follows archlab's layout, else ``(its renumbered copy in the cache,
     new_to_old)``; refuses a tokenizer without a role the objective needs."""
     path = Path(path).expanduser()
-    backend = _read(path)
+    backend = read_backend(path)
     if follows_layout(backend) and not special_tokens:
         return path, None
     vocab = backend.get_vocab(with_added_tokens=True)

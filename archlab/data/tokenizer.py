@@ -85,16 +85,20 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise DataError(f"tokenizer file {path} does not exist")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises a bare Exception
-            raise DataError(f"{path} is not a readable tokenizer.json: {e}") from e
-        return cls(backend, source=str(path))
+        return cls(read_backend(path), source=str(path))
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, id={self.id})"
+
+
+def read_backend(path: Path) -> tokenizers.Tokenizer:
+    """The ``tokenizers.Tokenizer`` of a ``tokenizer.json``, whatever its layout; DataError if unreadable."""
+    if not path.is_file():
+        raise DataError(f"tokenizer file {path} does not exist")
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise DataError(f"{path} is not a readable tokenizer.json: {e}") from e
 
 
 def check_layout(backend: tokenizers.Tokenizer, source: str = "tokenizer") -> None:
