@@ -262,7 +262,7 @@ class LoggerConfig:
 MESH_AXES = ("data", "fsdp", "tensor")  # archlab.train.sharding builds its jax Mesh with these axes
 # Every logical axis name a parameter or a batch dimension carries (archlab.train.sharding.PARAM_AXES).
 LOGICAL_AXES = ("batch", "length", "layers", "embed", "mlp", "heads", "kv_heads", "vocab", "positions",
-                "token_types", "relative_buckets", "norm")
+                "token_types", "relative_buckets", "norm", "classes")
 
 
 def default_mesh_rules() -> dict[str, Any]:
@@ -270,7 +270,7 @@ def default_mesh_rules() -> dict[str, Any]:
     units, the attention heads and the vocabulary over ``tensor``; the rest is replicated."""
     return {"batch": ["data", "fsdp"], "length": None, "layers": None, "embed": "fsdp", "mlp": "tensor",
             "heads": "tensor", "kv_heads": "tensor", "vocab": "tensor", "positions": None, "token_types": None,
-            "relative_buckets": None, "norm": None}
+            "relative_buckets": None, "norm": None, "classes": None}
 
 
 @dataclass
@@ -320,6 +320,55 @@ class MeshConfig:
         return sizes
 
 
+TASKS = ("none", "classification", "tagging", "qa")
+TASK_POOLINGS = ("auto", "cls", "mean", "last")
+
+
+@dataclass
+class TaskConfig:
+    """Fine-tuning on labelled data (archlab/tasks/): ``name=none`` pre-trains on ``data``; the others train
+    a task head on the family's states, usually from ``model.init_from``."""
+
+    name: str = _help("none", "none (pre-training) | classification | tagging | qa")
+    train: Optional[str] = _help(None, (
+        "training file: classification .csv/.tsv/.jsonl (text, label), tagging CoNLL columns (word ... tag), "
+        "qa SQuAD v1.1 JSON"))
+    validation: Optional[str] = _help(None, "validation file in the same format; default: hold out validation_fraction")
+    validation_fraction: float = _help(0.1, "without a validation file: this share of the training examples, held out")
+    split_seed: int = _help(0, "the held-out share's draw (fixed apart from run.seed, so every seed scores the same split)")
+    text_field: str = _help("text", "classification: the text column")
+    label_field: str = _help("label", "classification: the label column")
+    labels: Optional[List[str]] = _help(None, "classification: the label set in order; default: the sorted labels found")
+    pooling: str = _help("auto", (
+        "classification: auto (encoder-only and encoder-decoder: mean over the encoder; decoder-only: the last "
+        "token, [EOS], the only one that sees the whole text) | cls ([CLS] prepended and pooled) | mean | last"))
+    max_question_tokens: int = _help(32, "qa: question tokens kept before [SEP] (the context fills the rest)")
+    max_answer_tokens: int = _help(30, "qa: the longest span predicted, in tokens")
+
+    def __post_init__(self) -> None:
+        check_fields("task", self, validation_fraction=FRACTION, split_seed=SEEDS, max_question_tokens=AT_LEAST_ONE,
+                     max_answer_tokens=AT_LEAST_ONE)
+        if self.name not in TASKS:
+            raise ConfigError(f"task.name={self.name!r} is not one of {', '.join(TASKS)}")
+        if self.pooling not in TASK_POOLINGS:
+            raise ConfigError(f"task.pooling={self.pooling!r} is not one of {', '.join(TASK_POOLINGS)}")
+        if self.name == "none":
+            if self.train is not None or self.validation is not None:
+                raise ConfigError("task.train and task.validation are read by a task run only; set task=classification, "
+                                  "tagging or qa")
+            return
+        if self.train is None:
+            raise ConfigError(f"task={self.name} needs task.train=<file>")
+        if not 0 < self.validation_fraction < 1 and self.validation is None:
+            raise ConfigError("task.validation_fraction must be between 0 and 1 when there is no task.validation file")
+        if self.name != "classification" and (self.labels is not None or self.pooling != "auto"):
+            raise ConfigError(f"task.labels and task.pooling are read by task=classification only, not task={self.name}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+
 @dataclass
 class TrainConfig:
     # data is validated before model: model.vocab_size and max_seq_len interpolate data's,
@@ -332,6 +381,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     size_name: str = _help("custom", "name of the size preset (set by conf/size/*)")
     experiment: str = _help("default", "experiment or sweep name; the W&B group and runs/ folder")
 

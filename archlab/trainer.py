@@ -100,6 +100,11 @@ def check_config(cfg: TrainConfig) -> None:
     from archlab.train.sharding import check_mesh
 
     check_batch(cfg)
+    if cfg.task.enabled:
+        for key, value in (("run.members", cfg.run.members), ("run.branches", cfg.run.branches)):
+            if value:
+                raise ConfigError(f"{key} is for pre-training ladders; a task=... run trains one model on its own "
+                                  "schedule (launch one run per setting, e.g. with -m)")
     check_mesh(cfg, make_plan(cfg, cfg.data.vocab_size).model)  # devices, batch, heads, sharded dimensions
     objective_transform(cfg, cfg.data.vocab_size)
     plan_branches(cfg, cfg.data.vocab_size)
@@ -132,7 +137,6 @@ class Trainer:
         from archlab.train.setup import make_plan, objective_transform
         from archlab.train.sharding import MeshPlan, check_divisible
         from archlab.train.state import TrainState
-
         self.cfg = cfg = resolved(cfg)
         check_config(cfg)
         source, named = None, cfg.data.tokenizer_file
@@ -155,7 +159,8 @@ class Trainer:
             self.__dict__["corpus"] = corpus  # what the cached property would hold
         self.tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file else self.corpus.tokenizer
         self.plan = make_plan(cfg, self.tokenizer.vocab_size)
-        self.transform = objective_transform(cfg, self.tokenizer.vocab_size)
+        # A task's rows are already model inputs; pre-training rows go through the objective's transform.
+        self.transform = None if cfg.task.enabled else objective_transform(cfg, self.tokenizer.vocab_size)
         build = functools.partial(build_model, self.plan.model, seed=cfg.run.seed)
         if source is not None:
             init_from.check_source(source, self.plan.model, cfg.data.tokenizer_file)
@@ -163,6 +168,12 @@ class Trainer:
 
             build = functools.partial(model_from_params, self.plan.model, init_from.source_params(source, self.plan.model),
                                       f"model.init_from={source.path}")
+        if cfg.task.enabled:  # the backbone (drawn or pre-trained) under a fresh task head
+            from archlab.tasks.model import TaskModel
+
+            backbone, task, n_outputs = build, cfg.task, self.corpus.n_outputs
+            build = lambda: TaskModel(backbone(), task.name, n_outputs, pooling=task.pooling,  # noqa: E731
+                                      max_answer_tokens=task.max_answer_tokens, seed=cfg.run.seed)
         self.graphdef, params = nnx.split(nnx.eval_shape(build) if abstract else build())
         self.tx, self.schedule = make_optimizer(cfg.optimizer, self.plan.total_steps, self.plan.tokens_per_step)
         # A trunk (run.branches) runs at the peak rate; its branches cool down (train/branches.py).
@@ -184,6 +195,11 @@ class Trainer:
         """Tokenizer and packed train/validation rows (the BPE is trained here on a fresh run)."""
         from archlab.train.setup import load_corpus, row_length_for
 
+        if self.cfg.task.enabled:  # labelled files (tasks/corpus.py); no tokenizer given: a BPE of its texts
+            from archlab.tasks.corpus import build_task_corpus
+
+            return build_task_corpus(self.cfg.task, length=self.cfg.data.seq_len, vocab_size=self.cfg.data.vocab_size,
+                                     tokenizer_file=self.tokenizer_file, cache_dir=self.cfg.data.cache_dir)
         return load_corpus(self.cfg.data, row_length_for(self.cfg), self.tokenizer_file)
 
     def iterator(self):
@@ -199,6 +215,11 @@ class Trainer:
         from archlab.train.setup import validation_batches
 
         run = self.cfg.run
+        if self.cfg.task.enabled:  # every validation example once, in order; the last batch padded (weight 0)
+            size = batch_size or run.batch_size
+            rows = self.corpus.validation.padded_to(size).as_dict()
+            count = len(rows["tokens"]) // size
+            return [{k: a[i * size:(i + 1) * size] for k, a in rows.items()} for i in range(min(count, n_batches or count))]
         return validation_batches(
             self.corpus.validation, self.transform, batch_size=batch_size or run.batch_size,
             n_batches=n_batches or run.eval_batches, seed=run.seed, eval_rows=None if n_batches else run.eval_rows,
@@ -245,10 +266,29 @@ class Trainer:
         from archlab.train.metrics import Aggregate, eval_metrics
 
         params = self.state.params if params is None else params
-        totals = Aggregate()
+        totals, predictions = Aggregate(), []
         for batch in self.validation_batches() if batches is None else batches:
-            totals.add(jax.device_get(self.eval_step(params, self.mesh.shard_batch(batch))))
-        return eval_metrics(totals, self.corpus.bytes_per_token_validation, prefix=prefix)
+            device_batch = self.mesh.shard_batch(batch)
+            totals.add(jax.device_get(self.eval_step(params, device_batch)))
+            if self.cfg.task.enabled:
+                predictions.append(jax.device_get(self.predict_step(params, device_batch)))
+        if not self.cfg.task.enabled:
+            return eval_metrics(totals, self.corpus.bytes_per_token_validation, prefix=prefix)
+        import numpy as np
+
+        from archlab.tasks.scoring import task_metrics
+
+        loss = totals.sums["loss_sum"] / max(totals.sums["weight_sum"], 1.0)
+        return {f"{prefix}/loss": loss, **task_metrics(self.corpus, np.concatenate(predictions), prefix)}
+
+    @functools.cached_property
+    def predict_step(self):
+        """A task run's jitted ``(params, batch) -> predictions`` (labels, tags or spans: tasks/model.py)."""
+        import jax
+        from flax import nnx
+
+        graphdef, mesh = self.graphdef, self.mesh
+        return jax.jit(lambda params, batch: nnx.merge(graphdef, params).predict(mesh.constrain_batch(batch)))
 
     def learning_rate(self, count: int, points: tuple[float, float, float] | None = None) -> float:
         """The rate of update ``count`` (0-based): the run's schedule, or wsd with ``points`` (cooldown

@@ -182,6 +182,15 @@ CASES = [
     runs("runs_missing_dir", "archlab-runs of a directory that does not exist", ["{tmp}/absent"], r"no such directory: <tmp>/absent$"),
     runs("runs_several_without_csv", "archlab-runs of two directories without --csv", ["{tmp}", "{tmp}/corpus"], r"several directories need --csv PATH"),
     runs("runs_no_runs", "archlab-runs of a directory holding no run", ["{tmp}"], r"no runs \(no config.yaml\) under <tmp>$"),
+    train("task_without_train_file", "a task run with no training file", ["task=classification"], r"task=classification needs task.train=<file>$"),
+    train("task_keys_without_task", "a task file given to a pre-training run", ["task.train={tmp}/task/good.jsonl"], r"task.train and task.validation are read by a task run only"),
+    train("task_unknown_label", "a validation row whose label the training file does not have", ["model=encoder_only", "objective=mlm", "task=classification", "task.train={tmp}/task/good.jsonl", "task.validation={tmp}/task/unknown_label.jsonl"], r"unknown_label.jsonl row 2: label 'meh' is not one of neg, pos$", extra={"task_files": True}),
+    train("task_missing_field", "a classification file without the text field", ["model=encoder_only", "objective=mlm", "task=classification", "task.train={tmp}/task/good.jsonl", "task.text_field=sentence"], r"good.jsonl has no 'sentence' field \(it has text, label\)$", extra={"task_files": True}),
+    train("task_misaligned_tag_line", "a CoNLL line with another number of columns", ["task=tagging", "task.train={tmp}/task/misaligned.txt"], r"misaligned.txt line 3: 2 columns where the file's first token line has 3 \(word ... tag\)$", extra={"task_files": True}),
+    train("task_tag_not_iob", "a CoNLL tag outside the IOB scheme", ["task=tagging", "task.train={tmp}/task/not_iob.txt"], r"not_iob.txt line 2: tag 'NP' is not IOB \(O, B-<type>, I-<type>\)$", extra={"task_files": True}),
+    train("task_answer_outside_context", "a SQuAD answer whose offset does not hold its text", ["task=qa", "task.train={tmp}/task/outside.json"], r"outside.json question q1: answer 'seven' at offset 40 is not in its context$", extra={"task_files": True}),
+    train("task_with_members", "packed members in a task run", ["task=classification", "task.train={tmp}/task/good.jsonl", "optimizer.schedule=wsd", "run.members=[{{seed:1}},{{seed:2}}]"], r"run.members is for pre-training ladders; a task=... run trains one model", extra={"task_files": True}),
+
 ]
 
 
@@ -212,6 +221,22 @@ def write_gpt2_style_tokenizer(path: Path) -> None:
     backend.save(str(path))
 
 
+def write_bad_task_files(root: Path) -> None:
+    """A good classification file, and one file per refusal of archlab/tasks/data.py."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": f"a {word} film", "label": label} for word, label in [("good", "pos"), ("bad", "neg")] * 10]
+    (root / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "unknown_label.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"text": "so so", "label": "meh"}) + "\n")
+    (root / "misaligned.txt").write_text("the DT B-NP\ndog NN I-NP\nbarks B-VP\n")
+    (root / "not_iob.txt").write_text("the DT B-NP\ndog NN NP\n")
+    context = "the dog barks at seven in the morning"
+    squad = {"data": [{"paragraphs": [{"context": context, "qas": [
+        {"id": "q1", "question": "when?", "answers": [{"text": "seven", "answer_start": 40}]}]}]}]}
+    (root / "outside.json").write_text(json.dumps(squad))
+
+
 def materialise(case: Case, tmp: Path, cache_dir: Path, prepared_run: Path | None) -> list[str]:
     """Create the case's files under ``tmp`` and return its command-line arguments."""
     make_corpus(tmp / "corpus")
@@ -220,6 +245,8 @@ def materialise(case: Case, tmp: Path, cache_dir: Path, prepared_run: Path | Non
         shutil.copytree(prepared_run, run)
     if case.extra.get("second_run"):
         shutil.copytree(prepared_run, tmp / "run2")
+    if case.extra.get("task_files"):
+        write_bad_task_files(tmp / "task")
     if case.extra.get("foreign_tokenizer"):
         write_gpt2_style_tokenizer(tmp / "gpt2" / "tokenizer.json")
     if case.extra.get("truncate_arrays"):

@@ -35,11 +35,15 @@ def test_every_point_spent_its_budget_and_has_its_scores():
         assert math.isfinite(r["val_loss"]) and math.isfinite(r["continuation_bpb"])
 
 
-def test_collecting_one_stage_keeps_the_committed_rows_of_the_others():
+def test_collecting_some_trunks_keeps_the_committed_rows_of_every_other_trunk():
     committed = analyze.read_table(raw=True)
-    new_row = {**next(r for r in committed if r["stage"] == "fit"), "stage": "families", "run": "new"}
+    trunk = next(r["trunk"] for r in committed if r["stage"] == "families")
+    new_row = {**next(r for r in committed if r["trunk"] == trunk), "run": "new"}
     merged = analyze.merge(committed, [new_row], ["families"])
-    kept = [r for r in committed if r["stage"] != "families"]
+    kept = [r for r in committed if r["trunk"] != trunk]
     assert merged[:len(kept)] == kept and merged[len(kept):] == [new_row]
-    # collecting the fit stage replaces the held-out branches its trunks were extended to, too
-    assert all(r["stage"] not in ("fit", "heldout") for r in analyze.merge(committed, [], ["fit"]))
+    assert any(r["stage"] == "families" for r in kept)  # the stage's other trunks stay
+    # a fit trunk extended to the held-out budget: its held-out rows are its own, replaced with it
+    extended = next(r["trunk"] for r in committed if r["stage"] == "heldout" and r["trunk"].startswith("fit-"))
+    fresh = [{**r, "run": "new"} for r in committed if r["trunk"] == extended and r["stage"] == "fit"]
+    assert not any(r["trunk"] == extended and r["stage"] == "heldout" for r in analyze.merge(committed, fresh, ["fit"]))

@@ -94,11 +94,11 @@ class ClassificationHead(nnx.Module):
         if n_classes < 2:
             raise ConfigError(f"a classification head needs at least 2 classes, got {n_classes}")
         self.how = cfg.pooling
-        self.output = Dense(cfg.d_model, n_classes, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
+        self.classifier = Dense(cfg.d_model, n_classes, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
 
     def __call__(self, hidden_BTD: Array, segment_ids_BT: Array, pooled_BD: Array | None = None) -> Array:
         pooled_BD = pool(hidden_BTD, segment_ids_BT, self.how) if pooled_BD is None else pooled_BD
-        return self.output(pooled_BD)
+        return self.classifier(pooled_BD)
 
 
 class TaggingHead(nnx.Module):
@@ -107,19 +107,19 @@ class TaggingHead(nnx.Module):
     def __init__(self, cfg: ModelConfig, n_tags: int, *, rngs: nnx.Rngs):
         if n_tags < 2:
             raise ConfigError(f"a tagging head needs at least 2 tags, got {n_tags}")
-        self.output = Dense(cfg.d_model, n_tags, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
+        self.classifier = Dense(cfg.d_model, n_tags, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
 
     def __call__(self, hidden_BTD: Array) -> Array:
-        return self.output(hidden_BTD)
+        return self.classifier(hidden_BTD)
 
 
 class SpanHead(nnx.Module):
     """Extractive QA: start and end logits ``[B, T]`` each; padding positions get -inf-like logits."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.output = Dense(cfg.d_model, 2, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
+        self.classifier = Dense(cfg.d_model, 2, use_bias=True, std=cfg.init_std, dtype=compute_dtype(cfg), rngs=rngs)
 
     def __call__(self, hidden_BTD: Array, segment_ids_BT: Array) -> tuple[Array, Array]:
-        logits_BT2 = self.output(hidden_BTD).astype(jnp.float32)
+        logits_BT2 = self.classifier(hidden_BTD).astype(jnp.float32)
         logits_BT2 = jnp.where((segment_ids_BT != 0)[..., None], logits_BT2, -1e9)
         return logits_BT2[..., 0], logits_BT2[..., 1]

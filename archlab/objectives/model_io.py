@@ -56,6 +56,8 @@ def loss_and_metrics(model: Any, batch: Mapping[str, Array], dropout_key: Array 
     chunk (``head_cross_entropy_and_accuracy``); with 0 the logits are materialised first. Both
     give the same values and gradients (tests/test_objectives.py).
     """
+    if hasattr(model, "loss_and_metrics"):  # a task head on a backbone (tasks/model.py) scores its own targets
+        return model.loss_and_metrics(batch, dropout_key)
     chunk = model.cfg.head_chunk
     if chunk > 0:
         hidden_BTD, targets_BT, weights_BT = hidden_and_targets(model, batch, dropout_key)

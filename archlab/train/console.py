@@ -15,7 +15,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Evaluation metrics shown on one line (the rest are in metrics.jsonl and summary.json).
-EVAL_SHOWN = ("loss", "bits_per_byte", "perplexity", "accuracy")
+EVAL_SHOWN = ("loss", "bits_per_byte", "perplexity", "accuracy", "macro_f1", "chunk_f1", "tag_accuracy", "exact_match",
+              "f1")  # pre-training, then the task runs' metrics (tasks/scoring.py)
 
 
 class ConsoleFormatter(logging.Formatter):

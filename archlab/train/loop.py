@@ -261,7 +261,7 @@ def _steps(trainer, run: _Run) -> dict:
     final = {**summary, "step": int(trainer.state.step), "skipped_updates": int(trainer.state.skipped),
              "unigram_entropy_nats": corpus.unigram_entropy_nats, "set_aside": set_aside_dirs(checkpoints.directory)}
     tracker.summary(final)
-    if cfg.run.samples and plan.model.family != "encoder_only":
+    if cfg.run.samples and plan.model.family != "encoder_only" and not cfg.task.enabled:
         prompts = validation_prompts(corpus.validation, cfg.run.samples, SAMPLE_PROMPT_TOKENS)
         samples = sample_continuations(trainer.model, trainer.tokenizer, prompts, SAMPLE_NEW_TOKENS,
                                        prefix=cfg.objective.name == "prefix_lm")

@@ -53,11 +53,13 @@ class Plan:
 
 
 def row_length_for(cfg: TrainConfig) -> int:
+    if cfg.task.enabled:  # one labelled example per row of data.seq_len tokens
+        return cfg.data.seq_len
     return raw_row_length(cfg.objective.name, cfg.data.seq_len, **cfg.objective.options)
 
 
 def decoder_length_for(cfg: TrainConfig) -> int | None:
-    if cfg.objective.name != "span_corruption":
+    if cfg.objective.name != "span_corruption" or cfg.task.enabled:  # a task runs the encoder only
         return None
     return span_corruption_lengths(cfg.data.seq_len, **cfg.objective.options)[1]
 

@@ -52,6 +52,8 @@ _HEADS = {
     # Square (d_model, d_model) matrices: the second ``embed`` finds its mesh axis taken (``spec``).
     ("transform", "kernel"): ("embed", "embed"), ("transform", "bias"): ("embed",),
     ("pooler", "kernel"): ("embed", "embed"), ("pooler", "bias"): ("embed",),
+    # Task heads (archlab/tasks/model.py): a few classes, tags or the two span ends.
+    ("classifier", "kernel"): ("embed", "classes"), ("classifier", "bias"): ("classes",),
 }
 PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {**_ATTENTION, **_MLP, **_EMBEDDINGS, **_HEADS}
 NORM_AXES = ("norm",)  # scale and bias of every module named *norm: small, replicated by default

@@ -164,6 +164,39 @@ def noise_at(noise_sd: float | dict[float, float], budget: float) -> float:
     return float(noise_sd[nearest])
 
 
+def resampled_profiles(by_budget: dict[float, list[Point]], rng: np.random.Generator,
+                       noise_sd: float | dict[float, float]) -> list[Profile]:
+    """One bootstrap draw: each budget's sizes resampled with replacement, each loss plus seed noise."""
+    profs = []
+    for budget, points in by_budget.items():
+        for _ in range(100):  # a parabola needs 3 distinct sizes
+            idx = np.sort(rng.choice(len(points), size=len(points), replace=True))
+            if np.unique(idx).size >= 3:
+                break
+        sd = noise_at(noise_sd, budget)  # one seed's; a mean of k seeds has sd / sqrt(k)
+        noisy = [Point(points[j].size, points[j].N, points[j].D, points[j].C,
+                       points[j].loss + rng.normal(0.0, sd / math.sqrt(points[j].seeds)), points[j].seeds)
+                 for j in idx]
+        profs.append(fit_profile(budget, noisy))
+    return profs
+
+
+def bootstrap_exponent(rows: list[dict], *, noise_sd: float | dict[float, float], n_resamples: int = 1000,
+                       seed: int = 0) -> tuple[list[float], int]:
+    """The 95% percentile interval of the IsoFLOP exponent ``a`` alone (no L(C) fit per draw), and how many
+    draws had fewer than 3 interior minima (dropped)."""
+    rng = np.random.default_rng(seed)
+    by_budget = points_by_budget(rows, "total")
+    draws, failed = [], 0
+    for _ in range(n_resamples):
+        interior = [p for p in resampled_profiles(by_budget, rng, noise_sd) if p.interior]
+        if len(interior) < 3:
+            failed += 1
+            continue
+        draws.append(line(np.array([p.C for p in interior]), np.array([p.N_opt for p in interior]))[0])
+    return [float(v) for v in np.percentile(draws, [2.5, 97.5])] if draws else [math.nan, math.nan], failed
+
+
 def bootstrap_frontier(rows: list[dict], convention: str, held_out: float, *, noise_sd: float | dict[float, float],
                        n_resamples: int = 1000, seed: int = 0) -> dict:
     """Percentile 95% intervals of a, b, N_opt and L_opt at ``held_out`` (total FLOPs).
@@ -176,17 +209,7 @@ def bootstrap_frontier(rows: list[dict], convention: str, held_out: float, *, no
     draws: dict[str, list[float]] = defaultdict(list)
     failed = 0
     for _ in range(n_resamples):
-        profs = []
-        for budget, points in by_budget.items():
-            for _ in range(100):  # a parabola needs 3 distinct sizes
-                idx = np.sort(rng.choice(len(points), size=len(points), replace=True))
-                if np.unique(idx).size >= 3:
-                    break
-            sd = noise_at(noise_sd, budget)  # one seed's; a mean of k seeds has sd / sqrt(k)
-            noisy = [Point(points[j].size, points[j].N, points[j].D, points[j].C,
-                           points[j].loss + rng.normal(0.0, sd / math.sqrt(points[j].seeds)), points[j].seeds)
-                     for j in idx]
-            profs.append(fit_profile(budget, noisy))
+        profs = resampled_profiles(by_budget, rng, noise_sd)
         try:
             f = frontier(profs)
         except (ValueError, np.linalg.LinAlgError):
@@ -282,4 +305,6 @@ def family_frontier(rows: list[dict], *, noise_sd: float | dict[float, float], n
            "interior_budgets": len(interior)}
     if len(interior) >= 2:
         out["a"] = line(np.array([p.C for p in interior]), np.array([p.N_opt for p in interior]))[0]
+    if len(interior) >= 3:  # the IsoFLOP exponent's interval, resampled as the decoder's is
+        out["a_95"], out["a_failed"] = bootstrap_exponent(rows, noise_sd=noise_sd, n_resamples=n_resamples, seed=seed)
     return out

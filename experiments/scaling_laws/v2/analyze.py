@@ -61,15 +61,14 @@ def collect(stages: list[str]) -> list[dict]:
 
 
 def merge(committed: list[dict], collected: list[dict], stages: list[str]) -> list[dict]:
-    """The committed table with the rows of ``stages`` replaced by ``collected``.
+    """The committed table with every collected trunk's rows replaced by what its run directory holds now.
 
-    A stage's rows are only ever replaced from its own runs, so a machine that holds one stage's run
-    directories (a fresh clone that ran ``ladder.py families``) keeps the committed rows of the others.
-    Collecting the fit stage also yields the held-out branches its trunks were extended to."""
-    replaced = set(stages) | {r["stage"] for r in collected}
-    if "fit" in stages:
-        replaced.add("heldout")
-    return [r for r in committed if r["stage"] not in replaced] + collected
+    A trunk's rows are only ever replaced from its own runs, so a machine that holds some trunks' run
+    directories (a fresh clone that ran ``ladder.py families --only ...``) keeps the committed rows of
+    every other trunk, of this stage and the others. A fit trunk extended to the held-out budget yields
+    its held-out branches too, so they are replaced with it."""
+    replaced = {r["trunk"] for r in collected}
+    return [r for r in committed if r["trunk"] not in replaced] + collected
 
 
 def fields() -> tuple[str, ...]:
@@ -155,17 +154,19 @@ def families(rows: list[dict], noise_sd: dict[float, float], resamples: int) -> 
     family = [r for r in rows if r["stage"] == "families"]
     if not family:
         return {}
-    decoder = [r for r in fit_rows(rows) if r["size"] in FAMILY_SIZES and float(r["budget_flops"]) in FAMILY_BUDGETS]
+    # The decoder's frontier over every size its fit stage trained at these budgets (the fuller ladder:
+    # its IsoFLOP minima are interior there); the continuation pairs need the same sizes in both families.
+    decoder = [r for r in fit_rows(rows) if float(r["budget_flops"]) in FAMILY_BUDGETS]
     out = {"decoder_only": analysis.family_frontier(decoder, noise_sd=noise_sd, n_resamples=resamples)}
     for name in FAMILIES:
         own = [r for r in family if r["family"] == name]
         if own:
             out[name] = analysis.family_frontier(own, noise_sd=noise_sd, n_resamples=resamples)
     pairs = []
-    by_point = {(r["size"], float(r["budget_flops"])): r for r in decoder}
+    by_point = {(r["size"], float(r["budget_flops"])): r for r in decoder if int(r["seed"]) == 0}
     for r in family:
         twin = by_point.get((r["size"], float(r["budget_flops"])))
-        if r["family"] == "encoder_decoder" and twin is not None:
+        if r["family"] == "encoder_decoder" and twin is not None and r["size"] in FAMILY_SIZES:
             pairs.append({"size": r["size"], "budget": float(r["budget_flops"]),
                           "decoder_bpb": twin["continuation_bpb"], "encoder_decoder_bpb": r["continuation_bpb"]})
     out["continuation"] = pairs

@@ -265,9 +265,12 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
     else:
         lines += [
             "Each family on its own objective (decoder: causal LM; encoder-only: MLM; encoder-decoder: span",
-            "corruption with L+L layers against the decoder's L), sizes and budgets of the family ladder.",
-            "Frontier: the lowest loss per budget, L_min = A C^-alpha; 95% intervals resample sizes within",
-            "budgets and add the decoder's seed noise at each budget.",
+            "corruption with L+L layers against the decoder's L) at the family ladder's budgets; the encoder",
+            "families over the family ladder's sizes (d12-d56: the first families stage, d24-d56, put the",
+            "encoder-only minimum at its smallest size at every budget, so d12-d20 were added), the decoder",
+            "over every size its fit stage trained there. Frontier: the lowest loss per budget,",
+            "L_min = A C^-alpha; IsoFLOP a: log N_opt against log C through the interior parabola minima.",
+            "95% intervals resample sizes within budgets and add the decoder's seed noise at each budget.",
             "",
             "| family | sizes | budgets | alpha | alpha 95% | lowest-loss size per budget | IsoFLOP a |",
             "|---|---|---|---|---|---|---|",
@@ -276,8 +279,12 @@ def readme(rows: list[dict], fits: dict, prediction: dict | None) -> str:
             if name not in fam:
                 continue
             f = fam[name]
-            a_text = f"{f['a']:.2f} ({f['interior_budgets']} interior)" if "a" in f else (
-                f"not measured ({f['interior_budgets']} interior minima)")
+            if "a_95" in f:
+                a_text = f"{f['a']:.2f} {_interval(f['a_95'])} ({f['interior_budgets']} interior minima)"
+            elif "a" in f:
+                a_text = f"{f['a']:.2f} (2 interior minima: no interval)"
+            else:
+                a_text = f"not measured ({f['interior_budgets']} interior minima)"
             lines.append(f"| {name} | {', '.join(f['sizes'])} | {len(f['budgets'])} | {f['alpha']:.3f} |"
                          f" {_interval(f['alpha_95'])} | {', '.join(f['argmin'])} | {a_text} |")
         if fam.get("continuation"):
