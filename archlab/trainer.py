@@ -137,6 +137,7 @@ class Trainer:
         from archlab.train.setup import make_plan, objective_transform
         from archlab.train.sharding import MeshPlan, check_divisible
         from archlab.train.state import TrainState
+
         self.cfg = cfg = resolved(cfg)
         check_config(cfg)
         source, named = None, cfg.data.tokenizer_file
@@ -269,9 +270,12 @@ class Trainer:
         totals, predictions = Aggregate(), []
         for batch in self.validation_batches() if batches is None else batches:
             device_batch = self.mesh.shard_batch(batch)
-            totals.add(jax.device_get(self.eval_step(params, device_batch)))
-            if self.cfg.task.enabled:
-                predictions.append(jax.device_get(self.predict_step(params, device_batch)))
+            if self.cfg.task.enabled:  # the loss sums and the predictions from one forward pass
+                sums, predicted = jax.device_get(self.task_eval_step(params, device_batch))
+                totals.add(sums)
+                predictions.append(predicted)
+            else:
+                totals.add(jax.device_get(self.eval_step(params, device_batch)))
         if not self.cfg.task.enabled:
             return eval_metrics(totals, self.corpus.bytes_per_token_validation, prefix=prefix)
         import numpy as np
@@ -282,13 +286,14 @@ class Trainer:
         return {f"{prefix}/loss": loss, **task_metrics(self.corpus, np.concatenate(predictions), prefix)}
 
     @functools.cached_property
-    def predict_step(self):
-        """A task run's jitted ``(params, batch) -> predictions`` (labels, tags or spans: tasks/model.py)."""
+    def task_eval_step(self):
+        """A task run's jitted ``(params, batch) -> (loss sums, predictions)`` (labels, tags or spans:
+        ``TaskModel.scores``)."""
         import jax
         from flax import nnx
 
         graphdef, mesh = self.graphdef, self.mesh
-        return jax.jit(lambda params, batch: nnx.merge(graphdef, params).predict(mesh.constrain_batch(batch)))
+        return jax.jit(lambda params, batch: nnx.merge(graphdef, params).scores(mesh.constrain_batch(batch)))
 
     def learning_rate(self, count: int, points: tuple[float, float, float] | None = None) -> float:
         """The rate of update ``count`` (0-based): the run's schedule, or wsd with ``points`` (cooldown

@@ -79,7 +79,9 @@ class TaskModel(nnx.Module):
     def loss_and_metrics(self, batch: Mapping[str, Array], dropout_key: Array | None = None
                          ) -> tuple[Array, dict[str, Array]]:
         """Mean cross-entropy over the weighted targets, and the sums ``loss_and_metrics`` returns."""
-        out = self.outputs(batch, dropout_key)
+        return self._loss(self.outputs(batch, dropout_key), batch)
+
+    def _loss(self, out, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
         if self.task == "classification":
             loss_sum, correct_sum, weight_sum = cross_entropy_and_accuracy(
                 out[:, None, :], batch["labels"][:, None], batch["weights"][:, None])
@@ -98,7 +100,14 @@ class TaskModel(nnx.Module):
     def predict(self, batch: Mapping[str, Array]) -> Array:
         """Labels ``[B]``, tags ``[B, T]``, or the best span's (start, end) ``[B, 2]`` (start <= end,
         at most ``max_answer_tokens`` long, inside the context)."""
+        return self._predict(self.outputs(batch))
+
+    def scores(self, batch: Mapping[str, Array]) -> tuple[dict[str, Array], Array]:
+        """Evaluation in one forward pass: the loss sums (``loss_and_metrics``) and the predictions (``predict``)."""
         out = self.outputs(batch)
+        return self._loss(out, batch)[1], self._predict(out)
+
+    def _predict(self, out) -> Array:
         if self.task != "qa":
             return jnp.argmax(out, axis=-1).astype(jnp.int32)
         start_BT, end_BT = out
