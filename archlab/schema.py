@@ -324,6 +324,53 @@ TASKS = ("none", "classification", "tagging", "qa")
 TASK_POOLINGS = ("auto", "cls", "mean", "last")
 
 
+CLUSTERS = ("auto", "slurm", "none")
+
+
+@dataclass
+class DistributedConfig:
+    """The processes of one run (``jax.distributed``; archlab/train/distributed.py). One process per
+    host, each driving its local devices; together their devices form the ``mesh``.
+
+    ``cluster=auto`` starts the multi-process runtime from the explicit keys when
+    ``coordinator_address`` is set, else from SLURM's environment inside a job step of more than one
+    task (``srun``), else runs alone; ``slurm`` requires that environment; ``none`` always runs alone.
+    """
+
+    coordinator_address: Optional[str] = _help(None, "host:port of process 0's coordinator (every process the same)")
+    num_processes: Optional[int] = _help(None, "how many processes the run spans (with coordinator_address)")
+    process_id: Optional[int] = _help(None, "this process's rank, 0 .. num_processes - 1 (with coordinator_address)")
+    cluster: str = _help("auto", "auto | slurm | none: where the processes come from (see the class docstring)")
+    initialization_timeout: int = _help(300, "seconds to wait for every process to join the coordinator")
+
+    def __post_init__(self) -> None:
+        if self.cluster not in CLUSTERS:
+            raise ConfigError(f"distributed.cluster must be one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
+        if self.initialization_timeout < 1:
+            raise ConfigError(f"distributed.initialization_timeout must be at least 1 second, "
+                              f"got {self.initialization_timeout}")
+        explicit = {"coordinator_address": self.coordinator_address, "num_processes": self.num_processes,
+                    "process_id": self.process_id}
+        given = [k for k, v in explicit.items() if v is not None]
+        if not given:
+            return
+        if self.cluster != "auto":
+            raise ConfigError(f"distributed.{given[0]} is set but distributed.cluster={self.cluster} does not read "
+                              "it; leave cluster=auto to start the processes from the explicit keys")
+        if missing := [k for k, v in explicit.items() if v is None]:
+            raise ConfigError(f"distributed.{given[0]} is set without distributed.{missing[0]}: a multi-process run "
+                              "needs coordinator_address, num_processes and process_id together")
+        host, _, port = self.coordinator_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"distributed.coordinator_address must be host:port (e.g. localhost:12355), "
+                              f"got {self.coordinator_address!r}")
+        if self.num_processes < 1:
+            raise ConfigError(f"distributed.num_processes must be at least 1, got {self.num_processes}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(f"distributed.process_id must be in 0 .. {self.num_processes - 1} "
+                              f"(distributed.num_processes={self.num_processes}), got {self.process_id}")
+
+
 @dataclass
 class TaskConfig:
     """Fine-tuning on labelled data (archlab/tasks/): ``name=none`` pre-trains on ``data``; the others train
@@ -382,6 +429,7 @@ class TrainConfig:
     rules: RulesConfig = field(default_factory=RulesConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     size_name: str = _help("custom", "name of the size preset (set by conf/size/*)")
     experiment: str = _help("default", "experiment or sweep name; the W&B group and runs/ folder")
 

@@ -27,7 +27,9 @@ from omegaconf import OmegaConf
 
 from archlab.config import resolve_auto
 from archlab.errors import CheckpointError, ConfigError
-from archlab.schema import DataConfig, EvalConfig, ExportConfig, GenerateConfig, MeshConfig, TrainConfig
+from archlab.schema import (
+    DataConfig, DistributedConfig, EvalConfig, ExportConfig, GenerateConfig, MeshConfig, TrainConfig,
+)
 
 # Each app's config name (archlab/conf/<app>.yaml) and schema.
 APPS = {"train": TrainConfig, "eval": EvalConfig, "export": ExportConfig, "generate": GenerateConfig}
@@ -100,6 +102,9 @@ def check_config(cfg: TrainConfig) -> None:
     from archlab.train.sharding import check_mesh
 
     check_batch(cfg)
+    from archlab.train.distributed import check_launch
+
+    check_launch(cfg)
     if cfg.task.enabled:
         for key, value in (("run.members", cfg.run.members), ("run.branches", cfg.run.branches)):
             if value:
@@ -138,6 +143,10 @@ class Trainer:
         from archlab.train.sharding import MeshPlan, check_divisible
         from archlab.train.state import TrainState
 
+        from archlab.train.distributed import check_launch, initialize
+
+        check_launch(cfg)  # refused before joining: a refused process would leave its peers waiting
+        initialize(cfg.distributed)  # a run over several processes joins them before JAX lists its devices
         self.cfg = cfg = resolved(cfg)
         check_config(cfg)
         source, named = None, cfg.data.tokenizer_file
@@ -264,6 +273,7 @@ class Trainer:
         """Loss, perplexity, accuracy and bits per byte of ``params`` (default: the current ones)."""
         import jax
 
+        from archlab.train.distributed import host_arrays
         from archlab.train.metrics import Aggregate, eval_metrics
 
         params = self.state.params if params is None else params
@@ -271,9 +281,9 @@ class Trainer:
         for batch in self.validation_batches() if batches is None else batches:
             device_batch = self.mesh.shard_batch(batch)
             if self.cfg.task.enabled:  # the loss sums and the predictions from one forward pass
-                sums, predicted = jax.device_get(self.task_eval_step(params, device_batch))
-                totals.add(sums)
-                predictions.append(predicted)
+                sums, predicted = self.task_eval_step(params, device_batch)
+                totals.add(jax.device_get(sums))  # replicated scalars
+                predictions.append(host_arrays([predicted])[0])  # rows sharded, over processes too
             else:
                 totals.add(jax.device_get(self.eval_step(params, device_batch)))
         if not self.cfg.task.enabled:
@@ -355,8 +365,8 @@ class Trainer:
         from archlab.train.run_dir import TOKENIZER_FILE
 
         run_dir = Path(run_dir)
-        # Read on this machine's devices, whatever mesh trained it (orbax reshards on restore).
-        cfg = dataclasses.replace(load_run_config(run_dir), mesh=MeshConfig())
+        # Read by this one process on its devices, whatever mesh and processes trained it (orbax reshards).
+        cfg = dataclasses.replace(load_run_config(run_dir), mesh=MeshConfig(), distributed=DistributedConfig(cluster="none"))
         if data is not None:
             cfg = dataclasses.replace(
                 cfg, data=dataclasses.replace(data, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)

@@ -45,7 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from archlab.errors import CheckpointError, CorruptCheckpointError
-from archlab.train import integrity
+from archlab.train import distributed, integrity
 from archlab.train import set_aside as aside
 from archlab.train.integrity import IntegrityError
 from archlab.train.integrity import leaf_key as _key
@@ -131,14 +131,22 @@ def _looks_like_step(path: Path) -> bool:
     return any((path / name).exists() for name in (*_COMMIT_FILES, *ITEMS))
 
 
+@jax.jit
+def _all_finite(leaves: list) -> list:
+    return [jnp.isfinite(leaf).all() for leaf in leaves]
+
+
 def _first_non_finite(state: PyTree) -> str | None:
     """Path of the first floating leaf holding NaN/Inf, checked with one host transfer."""
-    paths, checks = [], []
+    paths, leaves = [], []
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
         if jnp.issubdtype(dtype, jnp.inexact):
             paths.append(path)
-            checks.append(jnp.isfinite(leaf).all())
+            leaves.append(leaf)
+    # One program for every leaf: over several processes, op-by-op checks (a program per leaf and op,
+    # each with its own collective) were seen to hang a save on CPU devices.
+    checks = _all_finite(leaves)
     for path, ok in zip(paths, jax.device_get(checks)):
         if not ok:
             return _key(path)
@@ -297,23 +305,16 @@ class Checkpointer:
                     f"refusing to checkpoint step {step}: {name} is not JSON-serialisable ({e})"
                 ) from None
 
-        on_disk = _step_dirs(self.directory)
-        in_flight = {s for s in self._manager.all_steps() if s not in on_disk}
-        if step in on_disk or step in in_flight:
-            log.warning("checkpoint step %d already exists in %s; not overwriting it", step, self.directory)
+        # Process 0 decides: another process may already see process 0's new temporary directory and
+        # skip a save the others are in (orbax's save is collective: they would wait for it forever).
+        reason = self._reason_not_to_save(step, force)
+        if distributed.agree(reason is not None):
+            log.warning("%s", reason or f"not saving step {step}: process 0 skips it")
             return False
-        if not force:
-            committed = {s for s, p in on_disk.items() if _is_committed(p)}
-            newer = sorted(s for s in (committed | in_flight) - self._unusable if s > step)
-            if newer:
-                log.warning(
-                    "not saving step %d: %s already holds the newer step %d (pass force=True to save anyway)",
-                    step, self.directory, newer[-1],
-                )
-                return False
 
         record = integrity.make_record(state, data, meta, self._handler_names)
         self._set_aside_unfinished(step)
+        distributed.barrier(f"save-{step}")  # the stale directory is gone before any process writes
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -327,6 +328,19 @@ class Checkpointer:
         )
         self._unusable.discard(step)  # a step set aside as corrupt is being written afresh
         return True
+
+    def _reason_not_to_save(self, step: int, force: bool) -> str | None:
+        on_disk = _step_dirs(self.directory)
+        in_flight = {s for s in self._manager.all_steps() if s not in on_disk}
+        if step in on_disk or step in in_flight:
+            return f"checkpoint step {step} already exists in {self.directory}; not overwriting it"
+        if not force:
+            committed = {s for s, p in on_disk.items() if _is_committed(p)}
+            newer = sorted(s for s in (committed | in_flight) - self._unusable if s > step)
+            if newer:
+                return (f"not saving step {step}: {self.directory} already holds the newer step {newer[-1]} "
+                        "(pass force=True to save anyway)")
+        return None
 
     def _set_aside_unfinished(self, step: int) -> None:
         """Rename a crashed save's temporary directory for ``step`` so orbax does not delete it."""
@@ -392,6 +406,11 @@ class Checkpointer:
             if isinstance(result, str):
                 skipped[s] = result
                 continue
+            if (chosen := distributed.agree(s)) != s:  # every process read the same files: they choose alike
+                raise CheckpointError(f"the processes of this run chose different checkpoint steps in "
+                                      f"{self.directory} (process 0: {chosen}, this one: {s}); do they share one "
+                                      "file system?")
+            distributed.barrier(f"restored-{s}")  # nobody still reads a step process 0 sets aside
             moved = self._set_aside_skipped(skipped, steps, unfinished) if set_aside else []
             if skipped:
                 self._warn_skipped(skipped, moved, s)

@@ -10,8 +10,8 @@ temporary directory, so it commits (or not) together with the rest of the step::
 A leaf's digest covers its dtype name, shape and C-order bytes on the host; a JSON item's digest
 covers its canonical text (sorted keys, no spaces), so it does not depend on how orbax lays out
 the file. The state's digests are computed from the host copy of the state being saved, before an
-asynchronous save is handed to orbax (so every array must be fully addressable from this process,
-as it is with archlab's single-process mesh).
+asynchronous save is handed to orbax; in a run over several processes every process gathers the
+full arrays (``distributed.host_arrays``) and computes the same record, which process 0 writes.
 
 Before any array is read, ``on_disk_problem`` checks the commit markers, the item directories and
 every JSON file orbax and archlab wrote (a torn or emptied one would otherwise fail deep inside
@@ -73,12 +73,14 @@ def json_digest(item: Any) -> str:
 
 
 def host_leaves(tree: Any) -> dict[str, np.ndarray]:
-    """Every leaf of ``tree`` on the host (one transfer), by ``leaf_key``."""
+    """Every leaf of ``tree`` on the host (one transfer, or gathered from every process), by ``leaf_key``."""
     import jax
 
+    from archlab.train.distributed import host_arrays
+
     flat = jax.tree_util.tree_leaves_with_path(tree)
-    host = jax.device_get([leaf for _, leaf in flat])
-    return {leaf_key(path): np.asarray(x) for (path, _), x in zip(flat, host)}
+    host = host_arrays([leaf for _, leaf in flat])
+    return {leaf_key(path): x for (path, _), x in zip(flat, host)}
 
 
 def _digests(leaves: dict[str, np.ndarray]) -> dict[str, str]:

@@ -18,14 +18,14 @@ from archlab.accounting import device_peak_flops
 from archlab.errors import ArchlabError, NonFiniteError
 from archlab.samples import sample_continuations, validation_prompts
 from archlab.schema import TrainConfig
-from archlab.train import branches, console, run_dir as run_files
+from archlab.train import branches, console, distributed, run_dir as run_files
 from archlab.train.checkpoint import Checkpointer, committed_steps, set_aside_dirs
 from archlab.train.metrics import progress_bar
 from archlab.train.skips import SkipWatch
 from archlab.train.state import TrainState, to_checkpoint
 from archlab.train.step import NONFINITE_KINDS
 from archlab.train.run_end import SAMPLE_COLUMNS, log_run_end
-from archlab.train.tracking import Tracker, new_run_id, wandb_options
+from archlab.train.tracking import QuietTracker, Tracker, new_run_id, wandb_options
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train (or resume) the run in ``run_dir``; returns the final summary."""
     from archlab.trainer import Trainer, check_config, config_dict, resolved
 
+    distributed.check_launch(cfg)  # refused before joining: a refused process would leave its peers waiting
+    distributed.initialize(cfg.distributed)  # before anything asks JAX for its devices
     cfg = resolved(cfg)
     check_config(cfg)  # budget, lengths and objective options refused before any data is read
     from archlab.train.memory import check_memory
@@ -89,10 +91,18 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     # Before anything is written: an extended trunk's new branches must fork after its newest step.
     branches.check_reachable(trainer.branches, run_dir, newest)
     val_batches = trainer.validation_batches()
+    # Every process built its own tokenizer and rows from the same text: they must be the same.
+    distributed.check_same(trainer.tokenizer.id, "tokenizer")
+    primary = distributed.is_primary()  # only process 0 writes the run directory
     if restart:  # every check passed and the data is read: only now is the old run moved aside
-        run_files.restart_in_place(run_dir)
-    with run_files.RunLock(run_dir), run_files.log_to_file(run_dir):
-        run_files.write_once(run_dir, recorded, trainer.corpus.tokenizer)
+        distributed.barrier("read-old-run")
+        if primary:
+            run_files.restart_in_place(run_dir)
+    with (run_files.RunLock(run_dir) if primary else nullcontext()), \
+            (run_files.log_to_file(run_dir) if primary else nullcontext()):
+        if primary:
+            run_files.write_once(run_dir, recorded, trainer.corpus.tokenizer)
+        distributed.barrier("run-dir-written")
         with StopRequested() as stop:
             return _train_locked(trainer, run_dir, val_batches, recorded, stop)
 
@@ -123,6 +133,9 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
     # The W&B run id is fixed on the first launch (before any checkpoint holds it), so a run
     # killed before its first checkpoint still continues the same W&B run.
     run_id = meta.get("wandb_run_id")
+    if not distributed.is_primary():
+        return _run_steps(trainer, _Run(run_dir, data, val_batches, checkpoints, QuietTracker(), stop, derived,
+                                        start_step))
     if run_id is None and cfg.logger.backend == "wandb":
         run_id = run_files.wandb_run_id(run_dir, new_run_id)
     tracker = Tracker(
@@ -133,10 +146,16 @@ def _train_locked(trainer, run_dir: Path, val_batches: list[dict], recorded: dic
         run_id=run_id, resume_step=start_step, entity=cfg.logger.entity,
         online_timeout=cfg.logger.online_timeout, **wandb_options(cfg.logger, run_dir),
     )
+    return _run_steps(trainer, _Run(run_dir, data, val_batches, checkpoints, tracker, stop, derived, start_step))
+
+
+def _run_steps(trainer, run: _Run) -> dict:
+    """``_steps``, and on any error: the reason in the summary, W&B marked failed, a pending save let commit."""
+    tracker, checkpoints = run.tracker, run.checkpoints
     try:
         # Log lines are written above the progress bar, not through it.
-        with logging_redirect_tqdm() if cfg.run.progress else nullcontext():
-            return _steps(trainer, _Run(run_dir, data, val_batches, checkpoints, tracker, stop, derived, start_step))
+        with logging_redirect_tqdm() if trainer.cfg.run.progress else nullcontext():
+            return _steps(trainer, run)
     except BaseException as error:
         if isinstance(error, ArchlabError):  # a non-finite stop, a skip limit: the run tables show why
             tracker.summary({"stopped": str(error)})
@@ -208,7 +227,7 @@ def _steps(trainer, run: _Run) -> dict:
 
     summary: dict = {}
     fork(start_step)
-    bar = progress_bar(cfg.run.progress, start_step, plan.total_steps)
+    bar = progress_bar(cfg.run.progress and distributed.is_primary(), start_step, plan.total_steps)
     skips = (SkipWatch(cfg.run.max_skips_in_a_row, int(trainer.state.skipped))
              if cfg.run.on_nonfinite == "skip" else None)
     window_start = time.perf_counter()
@@ -244,14 +263,15 @@ def _steps(trainer, run: _Run) -> dict:
         if step % cfg.run.checkpoint_every == 0 or step == plan.total_steps:
             save(step)
         fork(step)
-        reason = run.stop.signal_name or ("run.stop_at_step" if step == cfg.run.stop_at_step else None)
+        reason = ("run.stop_at_step" if step == cfg.run.stop_at_step else None) or _signal(run.stop, step, cfg)
         if reason is not None and step < plan.total_steps:
             if step % cfg.run.checkpoint_every:
                 save(step)
             checkpoints.wait()
             checkpoints.close()
             bar.close()
-            log_run_end(tracker, run.run_dir, step, val_loss=None, log_checkpoint=False)  # the curve so far
+            if distributed.is_primary():
+                log_run_end(tracker, run.run_dir, step, val_loss=None, log_checkpoint=False)  # the curve so far
             tracker.finish()
             log.warning("%s: checkpoint saved at step %d; run the same command again to resume", reason, step)
             return {"stopped_at": step, **summary}
@@ -261,17 +281,32 @@ def _steps(trainer, run: _Run) -> dict:
     final = {**summary, "step": int(trainer.state.step), "skipped_updates": int(trainer.state.skipped),
              "unigram_entropy_nats": corpus.unigram_entropy_nats, "set_aside": set_aside_dirs(checkpoints.directory)}
     tracker.summary(final)
-    if cfg.run.samples and plan.model.family != "encoder_only" and not cfg.task.enabled:
+    if cfg.run.samples and distributed.multi_process():
+        log.info("run.samples: no samples in a multi-process run (generation runs in one process: archlab-generate)")
+    elif cfg.run.samples and plan.model.family != "encoder_only" and not cfg.task.enabled:
         prompts = validation_prompts(corpus.validation, cfg.run.samples, SAMPLE_PROMPT_TOKENS)
         samples = sample_continuations(trainer.model, trainer.tokenizer, prompts, SAMPLE_NEW_TOKENS,
                                        prefix=cfg.objective.name == "prefix_lm")
         console.log_samples(samples)
         tracker.log_table("samples", SAMPLE_COLUMNS, [[final["step"], s["prompt"], s["continuation"]] for s in samples])
-    log_run_end(tracker, run.run_dir, final["step"], val_loss=final.get("val/loss"),
-                log_checkpoint=cfg.logger.log_checkpoints, checkpoint_dir=checkpoints.directory / str(final["step"]))
+    if distributed.is_primary():
+        log_run_end(tracker, run.run_dir, final["step"], val_loss=final.get("val/loss"),
+                    log_checkpoint=cfg.logger.log_checkpoints,
+                    checkpoint_dir=checkpoints.directory / str(final["step"]))
     tracker.finish()
     console.log_lines(console.summary_lines(final, run.run_dir, time.perf_counter() - run_start))
     return final
+
+
+def _signal(stop: StopRequested, step: int, cfg: TrainConfig) -> str | None:
+    """The signal that stops the run after ``step``. Over several processes, a signal any of them got,
+    agreed at logging steps (``run.log_every``): each process may get it at a different step, and they
+    must all save the same one (an agreement at every step would stall the device queue)."""
+    if not distributed.multi_process():
+        return stop.signal_name
+    if step % cfg.run.log_every:
+        return None
+    return "a signal" if distributed.agree_any(stop.signal_name is not None) else None
 
 
 def _raise_if_nonfinite(state: TrainState, cfg: TrainConfig, checkpoints: Checkpointer) -> None:

@@ -252,12 +252,23 @@ class MeshPlan:
         return NamedSharding(self.mesh, P(*([None] * leading_axes), *spec(names, self.rules, self.sizes)))
 
     def shard_batch(self, batch: dict, leading_axes: int = 0) -> dict:
-        """Split the row axis (after ``leading_axes`` micro-batch axes) across devices."""
-        return {k: jax.device_put(v, self.batch_sharding(np.ndim(v), leading_axes)) for k, v in batch.items()}
+        """Split the row axis (after ``leading_axes`` micro-batch axes) across devices.
+
+        Over several processes each holds the same host batch (the pipeline is a function of seed and
+        step) and sends its own devices only the rows they hold (``train/distributed.py``).
+        """
+        if jax.process_count() == 1:
+            return {k: jax.device_put(v, self.batch_sharding(np.ndim(v), leading_axes)) for k, v in batch.items()}
+        return {k: _from_host(np.asarray(v), self.batch_sharding(np.ndim(v), leading_axes)) for k, v in batch.items()}
 
     def constrain_batch(self, batch: dict, leading_axes: int = 0) -> dict:
         return {k: jax.lax.with_sharding_constraint(v, self.batch_sharding(np.ndim(v), leading_axes))
                 for k, v in batch.items()}
+
+
+def _from_host(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array of ``host``'s value whose local shards are cut from ``host`` on this process."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def per_device_bytes(tree: Any) -> dict[int, int]:

@@ -394,3 +394,36 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(exit_code=0 if exc_type is None else 1)
+
+
+class QuietTracker:
+    """The tracker of a process other than process 0 in a multi-process run: it records nothing.
+
+    Process 0 writes ``metrics.jsonl``, ``summary.json`` and W&B for the whole run (its values are the
+    run's: every process computes the same replicated metrics); a second writer would tear them.
+    """
+
+    run_id: str | None = None
+    wandb_mode: str | None = None
+
+    def log(self, metrics: dict[str, float], step: int, replace: bool = False) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def summary_value(self, key: str) -> Any:
+        return None
+
+    def log_image(self, key: str, path: Path, step: int | None = None) -> None:
+        pass
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, name: str, kind: str, paths: list[Path], metadata: dict | None = None,
+                     aliases: list[str] | None = None) -> bool:
+        return False
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
